@@ -1,0 +1,1 @@
+"""imgstore: a lazy, verified, content-addressed image store behind a FUSE mount."""

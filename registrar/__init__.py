@@ -1,0 +1,1 @@
+"""registrar: answers ORCA's RegisterImage SOAP call by bundling and registering images."""

@@ -1,0 +1,43 @@
+# Shared set-up for scripts/test, scripts/demo and scripts/bench (sourced, not run).
+
+# Debian packages the project needs at run and test time.
+SYSTEM_PACKAGES=(
+    fuse3 libfuse3-dev pkg-config   # FUSE, and what pyfuse3 builds against
+    gcc python3-dev                 # pyfuse3 has no wheel: it compiles
+    nginx-light                     # the real HTTP origin
+    e2fsprogs                       # mkfs.ext4 -d builds realistic images
+    attr file curl                  # getfattr, file(1), curl for tests and the demo
+    bzip2 xz-utils ncompress        # compressed ZFILESYSTEM variants
+    systemd                         # systemd-analyze verify of our units
+)
+
+ensure_system_packages() {
+    local missing=() pkg
+    for pkg in "${SYSTEM_PACKAGES[@]}"; do
+        [[ $pkg == \#* ]] && continue
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' \
+            || missing+=("$pkg")
+    done
+    if ((${#missing[@]})); then
+        echo "installing system packages: ${missing[*]}" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -q >/dev/null
+        apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+}
+
+# ensure_venv EXTRAS: create .venv if needed; reinstall only when pyproject.toml changed.
+ensure_venv() {
+    local extras=$1 stamp=.venv/.installed
+    local want
+    want="$(sha1sum pyproject.toml | cut -d' ' -f1) $extras"
+    if [[ ! -x .venv/bin/python ]]; then
+        python3 -m venv .venv
+    fi
+    if [[ ! -f $stamp || "$(cat "$stamp")" != "$want" ]]; then
+        echo "installing the project into .venv ($extras)" >&2
+        .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+        .venv/bin/python -m pip install -q -e ".[$extras]"
+        echo "$want" >"$stamp"
+    fi
+}
