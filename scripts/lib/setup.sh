@@ -9,6 +9,7 @@ SYSTEM_PACKAGES=(
     attr file curl                  # getfattr, file(1), curl for tests and the demo
     bzip2 xz-utils ncompress        # compressed ZFILESYSTEM variants
     systemd                         # systemd-analyze verify of our units
+    rclone httpdirfs                # competitors measured by benchmarks/bench_read.py
 )
 
 ensure_system_packages() {
