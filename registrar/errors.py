@@ -48,3 +48,51 @@ class SignatureMismatch(InputError):
 
 class FetchError(RegistrarError):
     """Raised when a blob cannot be fetched through imgstore (origin down, cache full, …)."""
+
+
+# --- configuration, bundling and the cloud (registrar/config.py, bundle.py, cloud.py) ---
+
+
+class ConfigError(RegistrarError):
+    """Raised when the config file or a eucarc is missing, unreadable, or has a bad key or value."""
+
+
+class CredentialError(ConfigError):
+    """Raised when a certificate or private key file cannot be loaded, or a key and its
+    certificate do not belong together."""
+
+
+class InvalidImageName(InputError):
+    """Raised when an image name is not 3–128 characters of [A-Za-z0-9()./_-]."""
+
+
+class BundleError(RegistrarError):
+    """Raised when an image cannot be bundled (read error, bad input, wrong size)."""
+
+
+class ImageChecksumMismatch(SignatureMismatch):
+    """Raised when the bytes read for bundling do not have the expected SHA-1; nothing of the
+    bundle is finalized (no last part, no manifest)."""
+
+
+class DecompressError(BundleError):
+    """Raised when a ZFILESYSTEM image is corrupt, truncated, or in a format not supported."""
+
+
+class CloudError(RegistrarError):
+    """Raised when a cloud request fails; `step` names what was being done (for example
+    "part upload") and the message keeps the cloud's own error code and message."""
+
+    def __init__(self, step: str, message: str, *, code: str | None = None) -> None:
+        super().__init__(f"{step}: {message}")
+        self.step = step
+        self.code = code
+        self.cloud_message = message
+
+
+class RegistrationTimeout(CloudError):
+    """Raised when a registered image does not become available within the configured time."""
+
+
+class ImageFailed(CloudError):
+    """Raised when the cloud reports a registered image as failed or deregistered."""
