@@ -1,7 +1,47 @@
-"""imgstore's exceptions: one hierarchy, translated to errno in fs.py and to CLI errors in cli.py."""
+"""imgstore's exceptions: one hierarchy, mapped to errno in fs.py and to CLI errors in cli.py."""
 
 from __future__ import annotations
 
 
 class StoreError(Exception):
     """Raised when the store cannot do what was asked; the message says what and why."""
+
+
+class ConfigError(StoreError):
+    """Raised when a config file, a size or a command-line value is invalid."""
+
+
+class UnknownBlob(StoreError):
+    """Raised when a SHA-1 is not in the catalog."""
+
+
+class BadSha1(StoreError):
+    """Raised when a SHA-1 text is not 40 hexadecimal digits."""
+
+
+class BadUrl(StoreError):
+    """Raised when a URL is not http(s) or cannot be used."""
+
+
+class OriginError(StoreError):
+    """Raised when the origin cannot be reached or answers in a way we cannot use."""
+
+
+class OriginChanged(OriginError):
+    """Raised when the origin's ETag changed since the blob was declared."""
+
+
+class BlobCorrupt(StoreError):
+    """Raised when a blob failed verification; it stays unreadable until re-added."""
+
+
+class CacheFull(StoreError):
+    """Raised when a chunk cannot be stored without overrunning the cache budget or the disk."""
+
+
+class BlobBusy(StoreError):
+    """Raised when a blob cannot be changed because a mount or another process has it open."""
+
+
+class MountError(StoreError):
+    """Raised when the filesystem cannot be mounted or unmounted."""

@@ -1,0 +1,135 @@
+"""The on-disk cache: one sparse data file per blob, chunk geometry, and blob locks.
+
+Everything here is synchronous and blocking; the daemon calls it through `trio.to_thread`.
+A chunk's bytes are written with `os.pwrite` and made durable with `fdatasync` before the
+caller records the chunk in the catalog, so a crash never leaves a recorded chunk unwritten.
+
+Data files live at `cache_dir/blobs/<sha1>` (0600, directory 0700). A process that reads or
+writes a blob's data holds a shared `flock` on its file; dropping a blob's data (eviction,
+`imgstore evict`) needs the exclusive lock, so it never pulls bytes from under a reader in
+another process. The kernel releases these locks when a process dies, even by `kill -9`.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+from pathlib import Path
+
+from imgstore.errors import BlobBusy, CacheFull
+
+log = logging.getLogger(__name__)
+
+
+def chunk_count(size: int, chunk_size: int) -> int:
+    return (size + chunk_size - 1) // chunk_size
+
+
+def chunk_span(idx: int, size: int, chunk_size: int) -> tuple[int, int]:
+    """Byte range [start, end) of chunk `idx`."""
+    start = idx * chunk_size
+    return start, min(start + chunk_size, size)
+
+
+def chunks_touching(off: int, length: int, size: int, chunk_size: int) -> range:
+    """Indexes of the chunks that bytes [off, off+length) touch, clipped to the blob."""
+    end = min(off + length, size)
+    if off >= end:
+        return range(0)
+    return range(off // chunk_size, (end - 1) // chunk_size + 1)
+
+
+def blob_dir(cache_dir: Path) -> Path:
+    return cache_dir / "blobs"
+
+
+class DataFile:
+    """An open cache file for one blob, holding a shared flock while open."""
+
+    def __init__(self, cache_dir: Path, sha1: str, size: int) -> None:
+        directory = blob_dir(cache_dir)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path = directory / sha1
+        self.size = size
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            # Blocking is brief: the exclusive holder only truncates the file.
+            fcntl.flock(self.fd, fcntl.LOCK_SH)
+            if os.fstat(self.fd).st_size != size:
+                os.ftruncate(self.fd, size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def close(self) -> None:
+        os.close(self.fd)  # also releases the flock
+
+    def pread(self, off: int, length: int) -> bytes:
+        """Read cached bytes; the caller guarantees the chunks are recorded as present."""
+        return os.pread(self.fd, length, off)
+
+    def write_durable(self, off: int, data: bytes | bytearray | memoryview) -> int:
+        """Write and fdatasync `data` at `off`; returns the file's allocated bytes afterwards.
+
+        Raises CacheFull on ENOSPC/EDQUOT: the caller may evict and retry once.
+        """
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(self.fd, view, off)
+                view = view[n:]
+                off += n
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CacheFull(f"cache disk full writing {self.path.name}") from exc
+            raise
+        return allocated(self.fd)
+
+
+def allocated(fd: int) -> int:
+    return os.fstat(fd).st_blocks * 512
+
+
+def allocated_path(path: Path) -> int:
+    try:
+        return path.stat().st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+class ExclusiveBlob:
+    """Holds a blob's exclusive flock (no waiting), to drop its data: eviction, `evict`.
+
+    Raises BlobBusy when any process (this one included) has the blob open. Order: take this
+    lock, reset the catalog bitmap, then truncate, so no reader sees a recorded chunk whose
+    bytes are gone.
+    """
+
+    def __init__(self, cache_dir: Path, sha1: str) -> None:
+        self.path = blob_dir(cache_dir) / sha1
+        self.fd = -1
+
+    def __enter__(self) -> ExclusiveBlob:
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self.fd = -1
+            return self
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(self.fd)
+            raise BlobBusy(f"blob {self.path.name} is open by a mount or another process") from exc
+        return self
+
+    def truncate(self, size: int) -> None:
+        if self.fd >= 0:
+            os.ftruncate(self.fd, 0)
+            os.ftruncate(self.fd, size)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)

@@ -1,0 +1,180 @@
+"""The public, synchronous Python API of the store, for other processes (the registrar).
+
+Stable interface; every function takes the cache directory and opens the catalog itself, so it
+is safe to call from any process or thread while a mount is running. The functions block (SQLite,
+and HTTP for `add`); from async code call them in a worker thread (`trio.to_thread.run_sync`).
+
+    add(cache_dir, sha1, urls, *, trusted=True) -> BlobInfo
+        Declare a blob (or add mirrors to it). Probes the first reachable URL with a ranged GET
+        to learn the exact size; downloads nothing else. Re-adding a corrupt blob resets it to
+        `remote`. `trusted=False` marks URLs that came from remote users.
+        Raises BadSha1, BadUrl (not http/https), OriginError (no URL reachable, or mirrors
+        disagree about the size).
+    info(cache_dir, sha1) -> BlobInfo                  UnknownBlob if never added
+    list_blobs(cache_dir) -> list[BlobInfo]
+    pin(cache_dir, sha1, owner)                        keeps the blob from eviction
+    unpin(cache_dir, sha1, owner)
+    unpin_owner_prefix(cache_dir, prefix) -> int       e.g. clear a crashed registrar's pins
+
+    BlobInfo: sha1, size, cached_bytes, state (remote|partial|complete|verified|corrupt),
+              urls (tuple of str), pins (tuple of owner str), last_used (Unix time)
+
+The blob's bytes are read through the mount: MOUNTPOINT/by-sha1/<sha1>. All errors derive
+from imgstore.errors.StoreError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+from imgstore.budget import evict_blob
+from imgstore.catalog import BlobRecord, Catalog, Url
+from imgstore.config import StoreConfig
+from imgstore.errors import BadUrl, BlobBusy, OriginError
+from imgstore.fetcher import Origin, Probe, check_url
+from imgstore.verify import normalize_sha1
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_CHUNK_SIZE = StoreConfig.chunk_size
+
+
+@dataclasses.dataclass(frozen=True)
+class BlobInfo:
+    """A blob as the store knows it."""
+
+    sha1: str
+    size: int
+    cached_bytes: int
+    state: str
+    urls: tuple[str, ...]
+    pins: tuple[str, ...]
+    last_used: float
+
+    @classmethod
+    def from_record(cls, rec: BlobRecord) -> BlobInfo:
+        return cls(
+            sha1=rec.sha1,
+            size=rec.size,
+            cached_bytes=rec.cached_bytes,
+            state=rec.state,
+            urls=tuple(u.url for u in rec.urls),
+            pins=rec.pins,
+            last_used=rec.last_used,
+        )
+
+
+def add(
+    cache_dir: os.PathLike[str] | str,
+    sha1: str,
+    urls: Sequence[str],
+    *,
+    trusted: bool = True,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    connect_timeout: float = 10.0,
+) -> BlobInfo:
+    """Declare a blob by SHA-1 and URL(s); see the module docstring."""
+    sha1 = normalize_sha1(sha1)
+    checked = [check_url(u) for u in urls]
+    if not checked:
+        raise BadUrl("at least one URL is needed")
+    probes = _run_trio(lambda: _probe_all(checked, connect_timeout))
+    sizes = {p.size for p in probes.values()}
+    if len(sizes) > 1:
+        raise OriginError(f"mirrors disagree about the size of {sha1}: {sorted(sizes)}")
+    first = probes[next(u for u in checked if u in probes)]
+    records = [Url(u, trusted, probes[u].etag if u in probes else None) for u in checked]
+    catalog = Catalog(Path(cache_dir))
+    try:
+        rec, reset = catalog.upsert(sha1, first.size, first.etag, first.ranges, records, chunk_size)
+        if reset:
+            try:
+                evict_blob(Path(cache_dir), catalog, sha1)
+            except BlobBusy:
+                log.info("blob %s is open; its old data is already unreadable", sha1)
+            rec = catalog.get(sha1)
+        return BlobInfo.from_record(rec)
+    finally:
+        catalog.close()
+
+
+def info(cache_dir: os.PathLike[str] | str, sha1: str) -> BlobInfo:
+    """The blob's current record; UnknownBlob if it was never added."""
+    sha1 = normalize_sha1(sha1)
+    return _with_catalog(cache_dir, lambda c: BlobInfo.from_record(c.get(sha1)))
+
+
+def list_blobs(cache_dir: os.PathLike[str] | str) -> list[BlobInfo]:
+    """Every blob in the catalog, in the order they were first added."""
+    return _with_catalog(cache_dir, lambda c: [BlobInfo.from_record(r) for r in c.list()])
+
+
+def pin(cache_dir: os.PathLike[str] | str, sha1: str, owner: str) -> None:
+    """Keep the blob from eviction until `unpin` with the same owner."""
+    sha1 = normalize_sha1(sha1)
+    _with_catalog(cache_dir, lambda c: c.pin(sha1, owner))
+
+
+def unpin(cache_dir: os.PathLike[str] | str, sha1: str, owner: str) -> None:
+    sha1 = normalize_sha1(sha1)
+    _with_catalog(cache_dir, lambda c: c.unpin(sha1, owner))
+
+
+def unpin_owner_prefix(cache_dir: os.PathLike[str] | str, prefix: str) -> int:
+    """Drop every pin whose owner starts with `prefix`; returns how many were dropped."""
+    return _with_catalog(cache_dir, lambda c: c.unpin_owner_prefix(prefix))
+
+
+def _with_catalog(cache_dir: os.PathLike[str] | str, fn: Callable[[Catalog], T]) -> T:
+    catalog = Catalog(Path(cache_dir))
+    try:
+        return fn(catalog)
+    finally:
+        catalog.close()
+
+
+async def _probe_all(urls: list[str], connect_timeout: float) -> dict[str, Probe]:
+    """Probe every URL; at least one must answer. Dead mirrors are logged, not fatal."""
+    origin = Origin(connect_timeout=connect_timeout, read_timeout=30.0)
+    results: dict[str, Probe] = {}
+    errors: list[OriginError] = []
+    try:
+        for url in urls:
+            try:
+                results[url] = await origin.probe(url)
+            except OriginError as exc:
+                log.warning("mirror unusable: %s", exc)
+                errors.append(exc)
+    finally:
+        await origin.aclose()
+    if not results:
+        raise errors[0]
+    return results
+
+
+def _run_trio(fn: Callable[[], object]) -> T:  # type: ignore[type-var]
+    """Run an async function to completion in a fresh thread (safe inside any event loop)."""
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = trio.run(fn)  # type: ignore[arg-type]
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="imgstore-client")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]

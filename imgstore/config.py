@@ -1,0 +1,165 @@
+"""Settings for the store: the `[store]` TOML section, command-line overrides, size parsing.
+
+Keys of `[store]`:
+
+- `cache_dir` (required somewhere: config, `--cache-dir` or `$IMAGEPROXY_HOME`)
+- `mountpoint`
+- `cache_size`: hard budget on allocated bytes, e.g. "50G" (default: unlimited)
+- `min_free`: keep at least this much free on the cache filesystem (default "1G")
+- `chunk_size`: fetch unit, aligned, default "4MiB"
+- `readahead_max`: largest readahead window of a sequential reader, default "64MiB"
+- `max_requests`: ranged requests in flight per blob, default 8
+- `read_deadline`: seconds a read may wait for the origin before failing with EIO, default 60
+- `connect_timeout`: seconds, default 10
+- `retries`: attempts per URL per chunk, default 4
+- `fs_name`: name shown in /proc/mounts, default "imgstore"
+- `allow_other`: let other users read the mount, default false
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from imgstore.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": KiB,
+    "kb": KiB,
+    "kib": KiB,
+    "m": MiB,
+    "mb": MiB,
+    "mib": MiB,
+    "g": GiB,
+    "gb": GiB,
+    "gib": GiB,
+    "t": 1024 * GiB,
+    "tb": 1024 * GiB,
+    "tib": 1024 * GiB,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str | int) -> int:
+    """Parse "50G", "512M", "4MiB", "1.5G" or a plain byte count; powers of 1024 throughout."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise ConfigError(f"size must not be negative: {text}")
+        return text
+    match = _SIZE_RE.match(str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ConfigError(f"not a size: {text!r} (use e.g. 50G, 512M, 4MiB)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def human_size(n: int) -> str:
+    """Format a byte count the way `ls -h` does, for tables."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclasses.dataclass
+class StoreConfig:
+    """Everything the store and the mount need; built by `load()`."""
+
+    cache_dir: Path
+    mountpoint: Path | None = None
+    cache_size: int | None = None
+    min_free: int = 1 * GiB
+    chunk_size: int = 4 * MiB
+    readahead_max: int = 64 * MiB
+    max_requests: int = 8
+    read_deadline: float = 60.0
+    connect_timeout: float = 10.0
+    retries: int = 4
+    fs_name: str = "imgstore"
+    allow_other: bool = False
+
+
+_SIZE_KEYS = {"cache_size", "min_free", "chunk_size", "readahead_max"}
+_INT_KEYS = {"max_requests", "retries"}
+_FLOAT_KEYS = {"read_deadline", "connect_timeout"}
+_KNOWN = {f.name for f in dataclasses.fields(StoreConfig)}
+
+
+def read_store_section(path: Path | None) -> dict[str, Any]:
+    """Return the `[store]` table of a TOML file, or {} without a file."""
+    if path is None:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path} is not valid TOML: {exc}") from exc
+    section = data.get("store", {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"config {path}: [store] must be a table")
+    for key in section:
+        if key not in _KNOWN:
+            raise ConfigError(f"config {path}: unknown key {key!r} in [store]")
+    return section
+
+
+def build(values: dict[str, Any]) -> StoreConfig:
+    """Validate raw values (from TOML and flags) into a StoreConfig."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        if key in _SIZE_KEYS:
+            out[key] = parse_size(value)
+        elif key in _INT_KEYS:
+            out[key] = _positive(key, int(value))
+        elif key in _FLOAT_KEYS:
+            out[key] = _positive(key, float(value))
+        elif key in ("cache_dir", "mountpoint"):
+            out[key] = Path(value).expanduser()
+        elif key == "allow_other":
+            if not isinstance(value, bool):
+                raise ConfigError("allow_other must be true or false")
+            out[key] = value
+        else:
+            out[key] = str(value)
+    if "cache_dir" not in out:
+        home = os.environ.get("IMAGEPROXY_HOME")
+        if not home:
+            raise ConfigError(
+                "no cache directory: give --cache-dir, [store] cache_dir or set $IMAGEPROXY_HOME"
+            )
+        out["cache_dir"] = Path(home)
+    cfg = StoreConfig(**out)
+    if cfg.chunk_size < 64 * KiB or cfg.chunk_size % (64 * KiB):
+        raise ConfigError(f"chunk_size must be a multiple of 64 KiB, got {cfg.chunk_size}")
+    return cfg
+
+
+def load(path: Path | None, overrides: dict[str, Any]) -> StoreConfig:
+    """Merge the `[store]` section of `path` with command-line `overrides` (which win)."""
+    values = read_store_section(path)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return build(values)
+
+
+def _positive(key: str, value: float) -> Any:
+    if value <= 0:
+        raise ConfigError(f"{key} must be positive, got {value}")
+    return value

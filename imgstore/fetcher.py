@@ -1,0 +1,256 @@
+"""Origin HTTP: probing a URL, fetching one byte range, or streaming a whole body.
+
+All HTTP lives here, on one `httpx.AsyncClient` (so a proxy setting has one place to go;
+`trust_env` already honours `http_proxy`). Every ranged answer is checked: `206` with a
+`Content-Range` naming exactly the requested bytes and the blob's size. A `200` to a ranged
+request means the server ignores `Range` (RangeNotSupported) unless its ETag changed
+(OriginChanged). Transport errors, 5xx and 429 are retried with jittered exponential backoff;
+other 4xx move on to the next mirror. Callers bound the total time with a trio deadline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from urllib.parse import urlsplit
+
+import httpx
+import trio
+
+from imgstore.errors import BadUrl, OriginChanged, OriginError
+
+log = logging.getLogger(__name__)
+
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+_READ_PIECE = 1024 * 1024
+BACKOFF_BASE = 0.2
+BACKOFF_CAP = 5.0
+
+
+class RangeNotSupported(OriginError):
+    """Raised when the origin answered a ranged request with the whole body."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """What a probe learned: the exact size, the ETag, whether Range works."""
+
+    size: int
+    etag: str | None
+    ranges: bool
+
+
+def check_url(url: str) -> str:
+    """Return the URL trimmed, or raise BadUrl if it is not an absolute http(s) URL."""
+    url = url.strip()
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https"):
+        raise BadUrl(f"not an http(s) URL: {url!r}")
+    if not parts.hostname:
+        raise BadUrl(f"URL has no host: {url!r}")
+    return url
+
+
+def parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:
+    """`bytes a-b/total` -> (a, b+1, total or None); None if absent or malformed."""
+    match = _CONTENT_RANGE.match(value or "")
+    if not match:
+        return None
+    total = None if match.group(3) == "*" else int(match.group(3))
+    return int(match.group(1)), int(match.group(2)) + 1, total
+
+
+def strong_etag(etag: str | None) -> str | None:
+    """If-Range needs a strong validator; weak ETags (W/"…") are not used."""
+    if etag and not etag.startswith("W/"):
+        return etag
+    return None
+
+
+def backoff(attempt: int) -> float:
+    """Seconds to wait before retry `attempt` (1-based): exponential, jittered, capped."""
+    return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
+
+
+class _Retry(Exception):
+    """Internal: this attempt failed in a way worth retrying."""
+
+
+class Origin:
+    """The HTTP client for every origin; one per process."""
+
+    def __init__(self, connect_timeout: float = 10.0, read_timeout: float = 30.0, retries: int = 4):
+        self.retries = retries
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+            follow_redirects=True,
+            trust_env=True,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+            # Ranges of encoded bodies would be ranges of the encoding: ask for the bytes.
+            headers={"Accept-Encoding": "identity", "User-Agent": "imgstore"},
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def probe(self, url: str) -> Probe:
+        """Learn a URL's size with a real ranged GET of byte 0, falling back to 200/HEAD."""
+        url = check_url(url)
+        try:
+            async with self.client.stream("GET", url, headers={"Range": "bytes=0-0"}) as resp:
+                etag = resp.headers.get("ETag")
+                if resp.status_code == 206:
+                    cr = parse_content_range(resp.headers.get("Content-Range"))
+                    if cr and cr[0] == 0 and cr[2] is not None:
+                        return Probe(cr[2], etag, True)
+                    raise OriginError(f"{url}: 206 without a usable Content-Range")
+                if resp.status_code == 200:
+                    length = resp.headers.get("Content-Length")
+                    if length is not None and length.isdigit():
+                        return Probe(int(length), etag, False)
+                    # Chunked and no Range support: HEAD sometimes knows the length.
+                elif resp.status_code == 416:
+                    return Probe(0, etag, True)  # an empty file has no byte 0
+                else:
+                    raise OriginError(f"{url}: HTTP {resp.status_code} {resp.reason_phrase}")
+            head = await self.client.head(url)
+            length = head.headers.get("Content-Length")
+            if head.status_code == 200 and length is not None and length.isdigit():
+                return Probe(int(length), etag, False)
+            raise OriginError(f"{url}: the server tells neither Content-Range nor Content-Length")
+        except httpx.HTTPError as exc:
+            raise OriginError(f"{url}: {_describe(exc)}") from exc
+
+    async def fetch_range(
+        self, urls: list[tuple[str, str | None]], start: int, end: int, size: int
+    ) -> bytearray:
+        """Bytes [start, end) of the blob, trying each mirror with bounded retries.
+
+        `urls` pairs each mirror with the ETag it had when probed. Resumes after a broken body
+        from the byte where it stopped. Raises OriginChanged, RangeNotSupported, or OriginError
+        when every mirror failed.
+        """
+        buf = bytearray()
+        errors: list[str] = []
+        for url, etag in urls:
+            for attempt in range(1, self.retries + 1):
+                try:
+                    await self._range_once(url, etag, start + len(buf), end, size, buf)
+                    return buf
+                except _Retry as exc:
+                    errors.append(f"{url}: {exc}")
+                    log.info("retrying %s bytes %d-%d: %s", url, start, end - 1, exc)
+                    if attempt < self.retries:
+                        await trio.sleep(backoff(attempt))
+                except OriginError as exc:
+                    if isinstance(exc, RangeNotSupported | OriginChanged):
+                        raise
+                    errors.append(str(exc))
+                    break
+        raise OriginError(f"bytes {start}-{end - 1}: every URL failed; last: {errors[-1]}")
+
+    async def _range_once(
+        self, url: str, etag: str | None, start: int, end: int, size: int, buf: bytearray
+    ) -> None:
+        """One GET of [start, end), appending to `buf` (may hold an earlier attempt's bytes)."""
+        need, received = end - start, 0
+        headers = {"Range": f"bytes={start}-{end - 1}"}
+        if strong_etag(etag):
+            headers["If-Range"] = etag  # type: ignore[assignment]
+        try:
+            async with self.client.stream("GET", url, headers=headers) as resp:
+                _check_status(url, resp)
+                got = resp.headers.get("ETag")
+                if etag and got and got != etag:
+                    raise OriginChanged(f"{url}: ETag changed from {etag} to {got}")
+                if resp.status_code == 200:
+                    raise RangeNotSupported(f"{url}: answered 200 to a Range request")
+                cr = parse_content_range(resp.headers.get("Content-Range"))
+                if cr is None or cr[0] != start or cr[1] != end or cr[2] not in (size, None):
+                    raise OriginError(
+                        f"{url}: asked bytes {start}-{end - 1}/{size}, got "
+                        f"Content-Range {resp.headers.get('Content-Range')!r}"
+                    )
+                async for piece in resp.aiter_raw(_READ_PIECE):
+                    if received + len(piece) > need:
+                        raise OriginError(f"{url}: body longer than the range asked for")
+                    buf += piece
+                    received += len(piece)
+        except httpx.HTTPError as exc:
+            raise _Retry(_describe(exc)) from exc
+        if received < need:
+            raise _Retry(f"body ended after {received} of {need} bytes")
+
+    async def stream_whole(
+        self,
+        urls: list[tuple[str, str | None]],
+        size: int,
+        consume: Callable[[int, bytes], Awaitable[None]],
+    ) -> None:
+        """Stream the whole body once, handing `consume(offset, piece)` every piece in order.
+
+        Used when the origin ignores Range. A broken body restarts from the beginning (the
+        consumer skips what it already has), with the same retry budget as ranges.
+        """
+        errors: list[str] = []
+        for url, etag in urls:
+            for attempt in range(1, self.retries + 1):
+                try:
+                    await self._whole_once(url, etag, size, consume)
+                    return
+                except _Retry as exc:
+                    errors.append(f"{url}: {exc}")
+                    log.info("retrying whole body of %s: %s", url, exc)
+                    if attempt < self.retries:
+                        await trio.sleep(backoff(attempt))
+                except OriginError as exc:
+                    if isinstance(exc, OriginChanged):
+                        raise
+                    errors.append(str(exc))
+                    break
+        raise OriginError(f"every URL failed; last: {errors[-1]}")
+
+    async def _whole_once(
+        self,
+        url: str,
+        etag: str | None,
+        size: int,
+        consume: Callable[[int, bytes], Awaitable[None]],
+    ) -> None:
+        offset = 0
+        try:
+            async with self.client.stream("GET", url) as resp:
+                _check_status(url, resp)
+                got = resp.headers.get("ETag")
+                if etag and got and got != etag:
+                    raise OriginChanged(f"{url}: ETag changed from {etag} to {got}")
+                async for piece in _pieces(resp):
+                    if offset + len(piece) > size:
+                        raise OriginError(f"{url}: body longer than {size} bytes")
+                    await consume(offset, piece)
+                    offset += len(piece)
+        except httpx.HTTPError as exc:
+            raise _Retry(_describe(exc)) from exc
+        if offset != size:
+            raise _Retry(f"body ended after {offset} of {size} bytes")
+
+
+async def _pieces(resp: httpx.Response) -> AsyncIterator[bytes]:
+    async for piece in resp.aiter_raw(_READ_PIECE):
+        yield piece
+
+
+def _check_status(url: str, resp: httpx.Response) -> None:
+    if resp.status_code in (200, 206):
+        return
+    if resp.status_code >= 500 or resp.status_code == 429:
+        raise _Retry(f"HTTP {resp.status_code}")
+    raise OriginError(f"{url}: HTTP {resp.status_code} {resp.reason_phrase}")
+
+
+def _describe(exc: httpx.HTTPError) -> str:
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"

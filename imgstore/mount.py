@@ -1,0 +1,170 @@
+"""Wiring of the mount: one nursery, signals, systemd notify, daemonizing, stale-mount cleanup.
+
+`run_mount` returns only once the mount is usable. Without `foreground` it forks: the child
+mounts and then writes one byte to a pipe; the parent exits 0 on that byte, or reports failure
+when the pipe closes without it (the child died, its error is on stderr).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from imgstore.config import StoreConfig
+from imgstore.errors import MountError
+from imgstore.fs import Operations
+from imgstore.store import open_store
+
+log = logging.getLogger(__name__)
+
+
+def notify_systemd(message: bytes) -> None:
+    """Send `message` (e.g. b"READY=1") to $NOTIFY_SOCKET if systemd gave us one."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # abstract namespace
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.connect(address)
+        sock.sendall(message)
+
+
+def is_mounted(mountpoint: Path) -> bool:
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            mounted_at = fields[1].replace("\\040", " ")
+            if mounted_at == target:
+                return True
+    return False
+
+
+def clean_stale_mount(mountpoint: Path) -> None:
+    """Lazily unmount a dead FUSE mount ("Transport endpoint is not connected")."""
+    try:
+        os.stat(mountpoint)
+        return
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            if exc.errno == errno.ENOENT:
+                raise MountError(f"mountpoint {mountpoint} does not exist") from None
+            raise MountError(f"mountpoint {mountpoint}: {exc.strerror}") from None
+    log.warning("cleaning up the dead mount at %s", mountpoint)
+    unmount(mountpoint, lazy=True)
+
+
+def unmount(mountpoint: Path, lazy: bool = False) -> None:
+    cmd = ["fusermount3", "-u", *(["-z"] if lazy else []), str(mountpoint)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise MountError(f"cannot unmount {mountpoint}: {res.stderr.strip() or res.returncode}")
+
+
+def lock_cache_dir(cfg: StoreConfig, mountpoint: Path) -> int:
+    """One mount per cache directory: hold an exclusive flock on cache_dir/mount.lock."""
+    cfg.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(cfg.cache_dir / "mount.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise MountError(f"cache {cfg.cache_dir} is already mounted ({other})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} at {mountpoint}\n".encode(), 0)
+    return fd
+
+
+def mount_options(cfg: StoreConfig) -> set[str]:
+    options = set(pyfuse3.default_options)
+    options |= {f"fsname={cfg.fs_name}", "subtype=imgstore", "ro"}
+    if cfg.allow_other:
+        options.add("allow_other")
+    return options
+
+
+def run_mount(cfg: StoreConfig, mountpoint: Path, foreground: bool) -> None:
+    """Mount and serve until unmounted or signalled; see the module docstring."""
+    mountpoint = mountpoint.resolve() if mountpoint.exists() else mountpoint
+    clean_stale_mount(mountpoint)
+    if is_mounted(mountpoint):
+        raise MountError(f"{mountpoint} is already mounted")
+    if foreground:
+        lock_fd = lock_cache_dir(cfg, mountpoint)
+        trio.run(_serve, cfg, mountpoint, None)
+        os.close(lock_fd)
+        return
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            ready = pipe.read(1)
+        if ready != b"1":
+            os.waitpid(pid, 0)
+            raise MountError(f"mounting {mountpoint} failed (see the messages above)")
+        return
+    os.close(read_end)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    code = 0
+    try:
+        lock_fd = lock_cache_dir(cfg, mountpoint)
+        trio.run(_serve, cfg, mountpoint, write_end)
+        os.close(lock_fd)
+    except MountError as exc:
+        print(f"imgstore: {exc}", file=sys.stderr)
+        code = 1
+    except BaseException:
+        log.exception("the mount daemon crashed")
+        code = 1
+    os._exit(code)
+
+
+async def _serve(cfg: StoreConfig, mountpoint: Path, ready_fd: int | None) -> None:
+    async with open_store(cfg) as store:
+        try:
+            pyfuse3.init(Operations(store), str(mountpoint), mount_options(cfg))
+        except RuntimeError as exc:
+            raise MountError(f"cannot mount {mountpoint}: {exc}") from None
+        try:
+            store.nursery.start_soon(_signals)
+            log.info("mounted %s (cache %s)", mountpoint, cfg.cache_dir)
+            _announce(ready_fd)
+            await pyfuse3.main()
+        finally:
+            # Unmount before anything else: a live mount without a daemon is the
+            # "Transport endpoint is not connected" state we promise never to leave.
+            with contextlib.suppress(Exception):
+                pyfuse3.close(unmount=True)
+    log.info("unmounted %s", mountpoint)
+
+
+def _announce(ready_fd: int | None) -> None:
+    if ready_fd is not None:
+        os.write(ready_fd, b"1")
+        os.close(ready_fd)
+    notify_systemd(b"READY=1")
+
+
+async def _signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("got %s: unmounting", signal.Signals(signum).name)
+            notify_systemd(b"STOPPING=1")
+            pyfuse3.terminate()
+            return

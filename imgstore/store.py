@@ -1,0 +1,445 @@
+"""The block cache: open blobs, single-flight chunk fetches, readahead, verification, budget.
+
+This is what `fs.py` translates and what `imgstore fetch` drives. It runs on one trio thread;
+disk I/O, hashing and SQLite go through `trio.to_thread` under limiters. The invariants (what
+guards a chunk, how waiters are woken, what is persisted when) are in docs/imgstore-design.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import trio
+
+from imgstore.budget import Budget
+from imgstore.catalog import BlobRecord, Catalog
+from imgstore.chunks import DataFile, chunk_count, chunk_span, chunks_touching
+from imgstore.config import StoreConfig
+from imgstore.errors import BlobCorrupt, CacheFull, OriginError, StoreError
+from imgstore.fetcher import Origin, RangeNotSupported
+from imgstore.verify import PrefixHasher
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Blob:
+    """This process's live state of one blob; exists while the blob is open or busy."""
+
+    def __init__(self, rec: BlobRecord, data: DataFile, present: dict[int, int], max_requests: int):
+        self.sha1 = rec.sha1
+        self.size = rec.size
+        self.chunk_size = rec.chunk_size
+        self.generation = rec.generation
+        self.ranges = rec.ranges
+        self.urls = [(u.url, u.etag) for u in rec.urls]
+        self.state = rec.state
+        self.data = data
+        self.nchunks = chunk_count(rec.size, rec.chunk_size)
+        # Chunks whose bytes are durable and recorded in the catalog: index -> length.
+        self.present = present
+        # Chunks being fetched: index -> event set when the flight ends (success or not).
+        self.inflight: dict[int, trio.Event] = {}
+        self.failures: dict[int, StoreError] = {}
+        self.whole: trio.Event | None = None  # set when a whole-body stream ends
+        self.whole_error: StoreError | None = None
+        self.requests = trio.CapacityLimiter(max_requests)
+        self.hasher = PrefixHasher(rec.sha1, rec.size)
+        self.hash_lock = trio.Lock()
+        self.verdict = trio.Event()
+        if rec.state in ("verified", "corrupt"):
+            self.verdict.set()
+        self.opens = 0
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(self.present.values())
+
+    def complete(self) -> bool:
+        return len(self.present) == self.nchunks
+
+    def missing(self, idxs: range | list[int]) -> list[int]:
+        return [i for i in idxs if i not in self.present]
+
+
+@dataclasses.dataclass
+class Handle:
+    """One open file: what it has read, and its sequential-read state for readahead."""
+
+    blob: Blob
+    covered: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    next_off: int = 0
+    window: int = 0
+
+    def would_complete(self, start: int, end: int) -> bool:
+        """True if reading [start, end) makes this handle's reads cover the whole blob."""
+        return _covers(_merge([*self.covered, (start, end)]), self.blob.size)
+
+    def add(self, start: int, end: int) -> None:
+        self.covered = _merge([*self.covered, (start, end)])
+
+
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def _covers(spans: list[tuple[int, int]], size: int) -> bool:
+    return size == 0 or (len(spans) == 1 and spans[0][0] <= 0 and spans[0][1] >= size)
+
+
+class Store:
+    """The cache of one cache directory, as seen by one process."""
+
+    def __init__(
+        self,
+        cfg: StoreConfig,
+        catalog: Catalog,
+        origin: Origin,
+        nursery: trio.Nursery,
+    ) -> None:
+        self.cfg = cfg
+        self.catalog = catalog
+        self.origin = origin
+        self.nursery = nursery
+        self.blobs: dict[str, Blob] = {}
+        # SQLite: one connection, so one thread at a time; disk: a few parallel syscalls.
+        self.db_limiter = trio.CapacityLimiter(1)
+        self.io_limiter = trio.CapacityLimiter(8)
+        self.budget = Budget(cfg, catalog, self._db, self._io)
+        self._open_lock = trio.Lock()
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(functools.partial(fn, *args), limiter=self.db_limiter)
+
+    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(functools.partial(fn, *args), limiter=self.io_limiter)
+
+    async def start(self) -> None:
+        """Learn what the cache holds now (allocated bytes of every data file)."""
+        await self.budget.refresh()
+
+    # -- open / release --------------------------------------------------------------------
+
+    async def record(self, sha1: str) -> BlobRecord:
+        return await self._db(self.catalog.get, sha1)
+
+    async def open(self, sha1: str) -> Handle:
+        """Open a blob for reading (UnknownBlob if it is not in the catalog)."""
+        async with self._open_lock:  # one loader per blob: never two DataFiles for one sha1
+            blob = self.blobs.get(sha1)
+            if blob is None:
+                blob = await self._load(sha1)
+                self.blobs[sha1] = blob
+            blob.opens += 1
+        self.nursery.start_soon(self._db, self.catalog.touch, sha1)
+        if not blob.verdict.is_set():
+            self.nursery.start_soon(self._advance_hash, blob)
+        return Handle(blob)
+
+    async def _load(self, sha1: str) -> Blob:
+        rec = await self._db(self.catalog.get, sha1)
+        if rec.chunk_size != self.cfg.chunk_size and rec.cached_bytes == 0:
+            if await self._db(
+                self.catalog.set_chunk_size, sha1, rec.generation, self.cfg.chunk_size
+            ):
+                rec = await self._db(self.catalog.get, sha1)
+        data = await self._io(DataFile, self.cfg.cache_dir, sha1, rec.size)
+        # Re-read under the shared lock: an eviction in another process may have just finished.
+        rec = await self._db(self.catalog.get, sha1)
+        present = await self._db(self.catalog.chunks, sha1)
+        return Blob(rec, data, present, self.cfg.max_requests)
+
+    async def release(self, handle: Handle) -> None:
+        handle.blob.opens -= 1
+        self.nursery.start_soon(self._db, self.catalog.touch, handle.blob.sha1)
+        await self._maybe_close(handle.blob)
+
+    async def _maybe_close(self, blob: Blob) -> None:
+        """Close the data file once nothing uses the blob, so eviction may take it."""
+        if blob.opens or blob.inflight or blob.hash_lock.locked() or blob.whole is not None:
+            return
+        if self.blobs.get(blob.sha1) is blob:
+            del self.blobs[blob.sha1]
+            await self._io(blob.data.close)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def read(self, handle: Handle, off: int, size: int) -> bytes:
+        """Bytes [off, off+size) of the blob, fetching what is missing.
+
+        Raises BlobCorrupt, OriginError (including the read deadline) or CacheFull. A read that
+        would complete the handle's coverage of the blob returns only after the SHA-1 matched.
+        """
+        blob = handle.blob
+        if blob.state == "corrupt":
+            raise BlobCorrupt(f"blob {blob.sha1} failed verification; re-add it")
+        end = min(off + size, blob.size)
+        if off >= end:
+            return b""
+        self._readahead(handle, off, end)
+        try:
+            with trio.fail_after(self.cfg.read_deadline):
+                if blob.state != "verified" and handle.would_complete(off, end):
+                    await self._verified(blob)
+                else:
+                    await self._ensure(
+                        blob, list(chunks_touching(off, end - off, blob.size, blob.chunk_size))
+                    )
+        except trio.TooSlowError:
+            raise OriginError(
+                f"blob {blob.sha1}: bytes {off}-{end - 1} not available within "
+                f"{self.cfg.read_deadline:g}s"
+            ) from None
+        data = await self._io(blob.data.pread, off, end - off)
+        handle.add(off, end)
+        return data
+
+    def _readahead(self, handle: Handle, off: int, end: int) -> None:
+        """Grow the window for sequential readers; random reads get none."""
+        blob = handle.blob
+        if off == handle.next_off:
+            handle.window = min(max(2 * handle.window, blob.chunk_size), self.cfg.readahead_max)
+        else:
+            handle.window = 0
+        handle.next_off = end
+        if handle.window:
+            for idx in chunks_touching(end, handle.window, blob.size, blob.chunk_size):
+                self._start_flight(blob, idx)
+
+    async def fetch_all(self, handle: Handle) -> None:
+        """Fetch every chunk and wait for the verdict (for `imgstore fetch`)."""
+        await self._verified(handle.blob)
+
+    async def _verified(self, blob: Blob) -> None:
+        await self._ensure(blob, list(range(blob.nchunks)))
+        self.nursery.start_soon(self._advance_hash, blob)
+        await blob.verdict.wait()
+        if blob.state == "corrupt":
+            raise BlobCorrupt(f"blob {blob.sha1} failed verification; re-add it")
+
+    async def _ensure(self, blob: Blob, idxs: list[int]) -> None:
+        """Wait until chunks `idxs` are present, starting the flights that are missing."""
+        for idx in idxs:
+            self._start_flight(blob, idx)
+        for idx in idxs:
+            while idx not in blob.present:
+                if blob.state == "corrupt":
+                    raise BlobCorrupt(f"blob {blob.sha1} failed verification; re-add it")
+                event = blob.inflight.get(idx)
+                if event is None:
+                    failure = blob.failures.pop(idx, None)
+                    if failure is not None:
+                        raise failure
+                    self._start_flight(blob, idx)
+                    continue
+                await event.wait()
+                if idx not in blob.present and idx in blob.failures:
+                    raise blob.failures[idx]
+
+    def _start_flight(self, blob: Blob, idx: int) -> None:
+        """Single-flight: at most one fetch per chunk; no await between check and claim."""
+        if idx in blob.present or idx in blob.inflight or blob.state == "corrupt":
+            return
+        blob.inflight[idx] = trio.Event()
+        blob.failures.pop(idx, None)
+        self.nursery.start_soon(self._flight, blob, idx)
+
+    async def _flight(self, blob: Blob, idx: int) -> None:
+        try:
+            with trio.fail_after(self.cfg.read_deadline):
+                if blob.ranges:
+                    try:
+                        async with blob.requests:
+                            start, end = chunk_span(idx, blob.size, blob.chunk_size)
+                            data = await self.origin.fetch_range(blob.urls, start, end, blob.size)
+                        await self._store_chunk(blob, idx, data)
+                    except RangeNotSupported as exc:
+                        log.warning("%s; streaming the whole body once instead", exc)
+                        blob.ranges = False
+                        await self._db(self.catalog.set_ranges, blob.sha1, False)
+                if not blob.ranges and idx not in blob.present:
+                    await self._whole_body(blob)
+                    if idx not in blob.present and blob.whole_error is not None:
+                        raise blob.whole_error
+        except trio.TooSlowError:
+            blob.failures[idx] = OriginError(f"blob {blob.sha1}: chunk {idx} timed out")
+            log.error("blob %s: chunk %d not fetched within the read deadline", blob.sha1, idx)
+        except StoreError as exc:
+            blob.failures[idx] = exc
+            log.error("blob %s: chunk %d: %s", blob.sha1, idx, exc)
+        finally:
+            blob.inflight.pop(idx).set()
+        await self._maybe_close(blob)
+
+    async def _whole_body(self, blob: Blob) -> None:
+        """Single-flight stream of the whole body when the origin ignores Range."""
+        if blob.whole is not None:
+            await blob.whole.wait()
+            return
+        blob.whole = trio.Event()
+        blob.whole_error = None
+        pending = bytearray()
+        pending_start = 0
+
+        async def consume(offset: int, piece: bytes) -> None:
+            nonlocal pending, pending_start
+            if not pending:
+                pending_start = offset
+            pending += piece
+            while pending:
+                idx = pending_start // blob.chunk_size
+                start, end = chunk_span(idx, blob.size, blob.chunk_size)
+                if pending_start != start:  # restarted body: realign on the next chunk
+                    skip = min(len(pending), end - pending_start)
+                    del pending[:skip]
+                    pending_start += skip
+                    continue
+                if len(pending) < end - start:
+                    return
+                chunk = bytes(pending[: end - start])
+                del pending[: end - start]
+                pending_start = end
+                if idx not in blob.present:
+                    await self._store_chunk(blob, idx, chunk)
+
+        try:
+            await self.origin.stream_whole(blob.urls, blob.size, consume)
+        except StoreError as exc:
+            blob.whole_error = exc
+        finally:
+            event, blob.whole = blob.whole, None
+            event.set()
+
+    async def _store_chunk(self, blob: Blob, idx: int, data: bytes | bytearray) -> None:
+        """Write a chunk durably within the budget, then record it; only then is it present."""
+        generation = blob.generation
+        start, end = chunk_span(idx, blob.size, blob.chunk_size)
+        assert len(data) == end - start
+        async with self.budget.reserve(blob.sha1, end - start):
+            try:
+                alloc = await self._io(blob.data.write_durable, start, data)
+            except CacheFull:
+                # The disk is fuller than the budget knows: make room once, then give up.
+                await self.budget.make_room(blob.sha1, end - start, force=True)
+                alloc = await self._io(blob.data.write_durable, start, data)
+            self.budget.allocated[blob.sha1] = alloc
+        if blob.generation != generation or blob.state == "corrupt":
+            return
+        complete = len(blob.present) + 1 == blob.nchunks and idx not in blob.present
+        if await self._db(
+            self.catalog.mark_chunk, blob.sha1, generation, idx, end - start, complete
+        ):
+            blob.present[idx] = end - start
+            if blob.state not in ("verified",):
+                blob.state = "complete" if blob.complete() else "partial"
+            self.nursery.start_soon(self._advance_hash, blob)
+
+    # -- verification ----------------------------------------------------------------------
+
+    async def _advance_hash(self, blob: Blob) -> None:
+        """Hash the contiguous prefix as far as it goes; give the verdict at the end.
+
+        Whoever holds hash_lock loops until the next chunk is missing. The final presence
+        check and the release happen with no await between them, so a chunk that lands while
+        the lock is held is always seen by the holder: a caller finding the lock held may leave.
+        """
+        if blob.verdict.is_set():
+            return
+        try:
+            blob.hash_lock.acquire_nowait()
+        except trio.WouldBlock:
+            return
+        try:
+            while not blob.hasher.done:
+                idx = blob.hasher.hashed // blob.chunk_size
+                if idx not in blob.present or blob.state == "corrupt":
+                    return
+                start, end = chunk_span(idx, blob.size, blob.chunk_size)
+                await self._io(_hash_range, blob, start, end)
+            if blob.hasher.matches():
+                if await self._db(self.catalog.set_state, blob.sha1, blob.generation, "verified"):
+                    blob.state = "verified"
+                    log.info("blob %s verified", blob.sha1)
+            else:
+                await self._corrupt(blob)
+            blob.verdict.set()
+        finally:
+            blob.hash_lock.release()
+            self.nursery.start_soon(self._maybe_close, blob)
+
+    async def _corrupt(self, blob: Blob) -> None:
+        """Mark the blob corrupt, forget and free its cached bytes; readers get BlobCorrupt."""
+        got = blob.hasher.hexdigest()
+        log.error("blob %s failed verification: content has SHA-1 %s", blob.sha1, got)
+        blob.state = "corrupt"
+        blob.present.clear()
+        await self._db(
+            self.catalog.set_state,
+            blob.sha1,
+            blob.generation,
+            "corrupt",
+            f"content has SHA-1 {got}",
+        )
+        await self._io(_punch_all, blob.data)
+        self.budget.allocated[blob.sha1] = 0
+
+    async def verify_cached(self, handle: Handle) -> bool:
+        """Hash every cached byte again (for `imgstore verify`); False if not fully cached."""
+        blob = handle.blob
+        if not blob.complete():
+            return False
+        async with blob.hash_lock:
+            hasher = PrefixHasher(blob.sha1, blob.size)
+            for idx in range(blob.nchunks):
+                start, end = chunk_span(idx, blob.size, blob.chunk_size)
+                data = await self._io(blob.data.pread, start, end - start)
+                await self._io(hasher.update, data)
+            blob.hasher = hasher
+            if hasher.matches():
+                await self._db(self.catalog.set_state, blob.sha1, blob.generation, "verified")
+                blob.state = "verified"
+            else:
+                await self._corrupt(blob)
+            blob.verdict.set()
+        return True
+
+
+def _hash_range(blob: Blob, start: int, end: int) -> None:
+    blob.hasher.update(blob.data.pread(start, end - start))
+
+
+def _punch_all(data: DataFile) -> None:
+    os.ftruncate(data.fd, 0)
+    os.ftruncate(data.fd, data.size)
+
+
+@contextlib.asynccontextmanager
+async def open_store(cfg: StoreConfig) -> AsyncIterator[Store]:
+    """A Store with its catalog, HTTP client and nursery; everything closed on exit."""
+    catalog = await trio.to_thread.run_sync(Catalog, cfg.cache_dir)
+    origin = Origin(cfg.connect_timeout, cfg.read_deadline, cfg.retries)
+    try:
+        async with trio.open_nursery() as nursery:
+            store = Store(cfg, catalog, origin, nursery)
+            await store.start()
+            try:
+                yield store
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await origin.aclose()
+        catalog.close()
