@@ -112,7 +112,8 @@ class Bench:
     ) -> FuseMount:
         cache = d / f"{name}-cache"
         for blob in blobs:
-            imgstore_add(cache, blob.sha1, self.url(blob, url_base), d / f"{name}-add.log")
+            # A site's operator sets http_proxy for every imgstore command, `add` included.
+            imgstore_add(cache, blob.sha1, self.url(blob, url_base), d / f"{name}-add.log", env)
         size = sum(b.size for b in blobs)
         return imgstore_mount(
             d / f"{name}-mnt",
@@ -143,11 +144,12 @@ class Bench:
                 return {"cold": self._curl_cold(d, blob)}
             if tool == "imgstore":
                 return self._imgstore_cold_warm(d, blob, timed_cold=True)
+            # Origin bytes count from before the mount: listings and probes are part of the cost.
+            offset = self.origin.log_offset()
             with self.competitor(tool, d) as m:
                 path = self.blob_path(tool, m, blob)
                 _expect_size(path, blob)
                 self.cold_start([blob])
-                offset = self.origin.log_offset()
                 seconds = timed_cat([path])
             return {"cold": {"seconds": seconds, "origin_bytes": self.origin_bytes(offset, [blob])}}
 
@@ -169,11 +171,11 @@ class Bench:
 
     def _imgstore_cold_warm(self, d: Path, blob: Blob, timed_cold: bool) -> dict[str, Sample]:
         out: dict[str, Sample] = {}
+        offset = self.origin.log_offset()  # from before `add`: its probe is origin traffic too
         with self.imgstore(d, "site", [blob]) as m:
             path = self.blob_path("imgstore", m, blob)
             _expect_size(path, blob)
             self.cold_start([blob])
-            offset = self.origin.log_offset()
             poller = StatePoller(path)
             poller.start()
             seconds = timed_cat([path])
@@ -194,11 +196,11 @@ class Bench:
 
     def _imgstore_warm(self, d: Path, blob: Blob) -> dict[str, Sample]:
         # The same cache directory, a new mount: the data is on disk, nothing in memory.
+        offset = self.origin.log_offset()
         with self.imgstore(d, "site", []) as m:
             path = self.blob_path("imgstore", m, blob)
             _expect_size(path, blob)
             self.drop_page_cache()
-            offset = self.origin.log_offset()
             fresh = timed_cat([path])
             hot = timed_cat([path])
         origin = self.origin_bytes(offset, [blob])
@@ -224,6 +226,7 @@ class Bench:
     def random(self, tool: str, run: int) -> dict[str, Sample]:
         blob = self.images.main
         with self.scratch(f"random-{tool}") as d:
+            offset = self.origin.log_offset()
             mount = (
                 self.imgstore(d, "site", [blob]) if tool == "imgstore" else self.competitor(tool, d)
             )
@@ -231,7 +234,6 @@ class Bench:
                 path = self.blob_path(tool, m, blob)
                 _expect_size(path, blob)
                 self.cold_start([blob])
-                offset = self.origin.log_offset()
                 lat = random_reads(path, blob.size, self.settings.random_reads, seed=run)
             lat.sort()
             return {
@@ -263,6 +265,7 @@ class Bench:
                 for o, b in zip(outs, blobs, strict=True):
                     _expect_size(o, b)
             else:
+                offset = self.origin.log_offset()
                 mount = (
                     self.imgstore(d, "site", blobs)
                     if tool == "imgstore"
@@ -273,7 +276,6 @@ class Bench:
                     for p, b in zip(paths, blobs, strict=True):
                         _expect_size(p, b)
                     self.cold_start(blobs)
-                    offset = self.origin.log_offset()
                     seconds = timed_cat(paths)
         return {
             "concurrent": {
@@ -310,6 +312,7 @@ class Bench:
                 base, env = None, {"http_proxy": proxy.url}
             else:
                 base, env = proxy.url, None
+            offset, proxy_offset = self.origin.log_offset(), proxy.log_offset()
             mounts = [
                 stack.enter_context(self.imgstore(d, f"site{i}", [blob], base, env)) for i in (1, 2)
             ]
@@ -317,7 +320,6 @@ class Bench:
             for p in paths:
                 _expect_size(p, blob)
             self.cold_start([blob])
-            offset, proxy_offset = self.origin.log_offset(), proxy.log_offset()
             seconds = timed_cat(paths)
             states = [_state(p) for p in paths]
             for m in reversed(mounts):

@@ -151,7 +151,9 @@ def imgstore_mount(
     return FuseMount("imgstore", argv, mountpoint, logfile, env, ready=mountpoint / "by-sha1")
 
 
-def imgstore_add(cache_dir: Path, sha1: str, url: str, logfile: Path) -> None:
+def imgstore_add(
+    cache_dir: Path, sha1: str, url: str, logfile: Path, env: dict[str, str] | None = None
+) -> None:
     exe = imgstore_exe()
     if exe is None:
         raise MountError("imgstore is not installed")
@@ -159,7 +161,7 @@ def imgstore_add(cache_dir: Path, sha1: str, url: str, logfile: Path) -> None:
     r = subprocess.run(
         [exe, "add", "--cache-dir", str(cache_dir), sha1, url],
         capture_output=True,
-        env=clean_env(),
+        env=clean_env(env),
         stdin=subprocess.DEVNULL,
     )
     with logfile.open("ab") as f:
