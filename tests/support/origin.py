@@ -32,13 +32,19 @@ context manager) for code outside pytest fixtures.
   each ``{"name", "uri", "method", "status", "body_bytes", "range", "connection"}``
   (``range`` is the request's ``Range`` header or ``""``).
 - ``reset_counts()`` -- later ``requests``/``bytes_sent``/``log`` calls ignore what came before.
+- ``in_flight() -> int`` -- requests nginx is still reading or answering (sync requests aside).
+- ``wait_idle(timeout=10)`` -- poll until ``in_flight() == 0``; fail the test at the deadline.
 - ``stop()`` -- stop nginx (the fixtures do this for you).
 
 Counting is exact, not eventual: nginx writes an access-log line when it finalises a request,
 which can be just after the client received the last byte. Every counting call therefore first
 sends a request to a private sync location and waits (with a deadline) until that request's own
 log line appears. nginx runs as one process handling events in order, so by then every request
-that had finished before the call is in the log. Sync requests are not counted.
+that had finished before the call is in the log. Sync and status requests are not counted.
+
+One case is not covered: a transfer the *client* abandoned (closed its socket, or its process
+was killed) is logged only when nginx notices, on its next write. After aborting or killing a
+reader, call ``wait_idle()`` before counting.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ log = logging.getLogger(__name__)
 
 NGINX = "/usr/sbin/nginx"
 _SYNC_PREFIX = "/.origin-sync/"
+_STATUS = "/.origin-status"
 _START_TIMEOUT = 10.0
 _SYNC_TIMEOUT = 10.0
 
@@ -98,6 +105,7 @@ http {{
         listen 127.0.0.1:{port};
         root {root};
         location ^~ {_SYNC_PREFIX} {{ return 204; }}
+        location = {_STATUS} {{ stub_status; }}
     }}
 }}
 """
@@ -217,17 +225,20 @@ class Origin:
 
     # -- counting --------------------------------------------------------------------------
 
+    def _get(self, path: str) -> bytes:
+        # http.client, not urllib: no proxy settings from the environment apply.
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request("GET", path)
+            return conn.getresponse().read()
+        finally:
+            conn.close()
+
     def _sync(self) -> None:
         if self._proc is None:
             raise RuntimeError("origin is not running")
         token = uuid.uuid4().hex
-        # http.client, not urllib: no proxy settings from the environment apply.
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        try:
-            conn.request("GET", f"{_SYNC_PREFIX}{token}")
-            conn.getresponse().read()
-        finally:
-            conn.close()
+        self._get(f"{_SYNC_PREFIX}{token}")
         needle = f"{_SYNC_PREFIX}{token}".encode()
         deadline = time.monotonic() + _SYNC_TIMEOUT
         while needle not in self._access_log.read_bytes():
@@ -240,7 +251,7 @@ class Origin:
         out = []
         for line in self._access_log.read_text().splitlines():
             entry = json.loads(line)
-            if entry["uri"].startswith(_SYNC_PREFIX):
+            if entry["uri"].startswith(_SYNC_PREFIX) or entry["uri"] == _STATUS:
                 continue
             entry["name"] = _name_of(entry["uri"])
             out.append(entry)
@@ -258,6 +269,20 @@ class Origin:
 
     def bytes_sent(self, name: str | None = None) -> int:
         return sum(e["body_bytes"] for e in self.log(name))
+
+    def in_flight(self) -> int:
+        # stub_status: "Reading: R Writing: W Waiting: K"; W includes this status request.
+        fields = self._get(_STATUS).decode().split()
+        reading = int(fields[fields.index("Reading:") + 1])
+        writing = int(fields[fields.index("Writing:") + 1])
+        return reading + writing - 1
+
+    def wait_idle(self, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while (n := self.in_flight()) > 0:
+            if time.monotonic() > deadline:
+                pytest.fail(f"origin still has {n} request(s) in flight after {timeout}s")
+            time.sleep(0.005)
 
     def reset_counts(self) -> None:
         self._skip = len(self._entries())
