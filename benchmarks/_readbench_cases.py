@@ -102,6 +102,15 @@ class Bench:
     def origin_bytes(self, offset: int, blobs: list[Blob]) -> int:
         return sum(self.origin.traffic_since(offset, "/" + b.name).body_bytes for b in blobs)
 
+    def origin_shape(self, offset: int, blob: Blob, seconds: float) -> Sample:
+        """How a read used the origin: bytes, requests, mean requests in flight."""
+        t = self.origin.traffic_since(offset, "/" + blob.name)
+        return {
+            "origin_bytes": t.body_bytes,
+            "origin_requests": t.requests,
+            "origin_in_flight": t.busy_s / seconds if seconds else None,
+        }
+
     def imgstore(
         self,
         d: Path,
@@ -151,7 +160,7 @@ class Bench:
                 _expect_size(path, blob)
                 self.cold_start([blob])
                 seconds = timed_cat([path])
-            return {"cold": {"seconds": seconds, "origin_bytes": self.origin_bytes(offset, [blob])}}
+            return {"cold": {"seconds": seconds, **self.origin_shape(offset, blob, seconds)}}
 
     def _curl_cold(self, d: Path, blob: Blob) -> Sample:
         out = d / "curl.out"
@@ -166,7 +175,7 @@ class Bench:
         return {
             "seconds": seconds,
             "seconds_with_sync": with_sync,
-            "origin_bytes": self.origin_bytes(offset, [blob]),
+            **self.origin_shape(offset, blob, seconds),
         }
 
     def _imgstore_cold_warm(self, d: Path, blob: Blob, timed_cold: bool) -> dict[str, Sample]:
@@ -187,7 +196,7 @@ class Bench:
                 "final_state": poller.last_state,
                 "rss_hwm_bytes": vm_hwm(m.pid),
             }
-        cold["origin_bytes"] = self.origin_bytes(offset, [blob])
+        cold.update(self.origin_shape(offset, blob, seconds))
         if timed_cold:
             out["cold"] = cold
         if "warm" in self.cases:
@@ -338,31 +347,35 @@ class Bench:
 
     # ---- profiling ------------------------------------------------------------------------
 
-    def profile(self, out: Path, pyspy: str) -> Sample:
-        """One extra cold read through imgstore with py-spy attached (not a timed sample)."""
+    def profile(self, out: Path, pyspy: str, wall: bool) -> Sample:
+        """One extra cold read through imgstore with py-spy attached (not a timed sample).
+
+        `wall` adds --idle: threads are sampled while blocked too (fdatasync, epoll), so the
+        counts show where the time goes rather than where the CPU goes.
+        """
         blob = self.images.main
         with self.scratch("profile") as d, self.imgstore(d, "site", [blob]) as m:
             path = self.blob_path("imgstore", m, blob)
             _expect_size(path, blob)
             self.cold_start([blob])
+            argv = [
+                pyspy,
+                "record",
+                "--pid",
+                str(m.pid),
+                "--rate",
+                "200",
+                "--threads",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "--output",
+                str(out),
+            ]
+            if wall:
+                argv.append("--idle")
             spy = subprocess.Popen(
-                [
-                    pyspy,
-                    "record",
-                    "--pid",
-                    str(m.pid),
-                    "--rate",
-                    "200",
-                    "--threads",
-                    "--nonblocking",
-                    "--format",
-                    "raw",
-                    "--output",
-                    str(out),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
+                argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
             )
             try:
                 time.sleep(1.0)  # py-spy needs a moment to attach; nothing to poll for

@@ -143,6 +143,10 @@ def table(samples: Samples, size: int, missing: dict[str, str]) -> list[list[str
         extra = f"{nbytes / MiB / s.median:8.1f} MiB/s" if s.median else ""
         if origin is not None:
             extra += f"  origin {origin.median / MiB:.1f} MiB"
+        reqs = stat(samples, case, tool, "origin_requests")
+        flight = stat(samples, case, tool, "origin_in_flight")
+        if reqs is not None and flight is not None and key == "seconds":
+            extra += f" in {reqs.median:.0f} req, {flight.median:.1f} in flight"
         rows.append(
             [label, name or tool, _sec(s.median), f"{_sec(s.lo)}–{_sec(s.hi)}", extra, ratios]
         )

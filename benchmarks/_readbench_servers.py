@@ -2,7 +2,7 @@
 
 Each server runs from its own directory (config, pid, logs, temp and cache paths), so nothing
 touches the system's nginx. Bytes sent are counted from the access log, whose line format is
-`msec status body_bytes_sent "uri" "range" cache_status`.
+`msec status body_bytes_sent "uri" "range" cache_status request_time`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ class Traffic:
     body_bytes: int
     by_status: dict[int, int]
     cache_status: dict[str, int]
+    # Sum of $request_time: divided by a case's wall time, the mean number of requests in
+    # flight; a sequential reader that keeps several ranges going shows more than 1.
+    busy_s: float
 
 
 class Nginx:
@@ -97,6 +100,7 @@ class Nginx:
         have every request of the case in the log.
         """
         requests = body = 0
+        busy = 0.0
         by_status: dict[int, int] = {}
         cache: dict[str, int] = {}
         with self.access_log.open("rb") as f:
@@ -112,9 +116,11 @@ class Nginx:
                 requests += 1
                 body += sent
                 by_status[status] = by_status.get(status, 0) + 1
-                tail = fields[4].strip() or "-"
-                cache[tail] = cache.get(tail, 0) + 1
-        return Traffic(requests, body, by_status, cache)
+                tail = fields[4].split() or ["-"]
+                cache[tail[0]] = cache.get(tail[0], 0) + 1
+                if len(tail) > 1:
+                    busy += float(tail[1])
+        return Traffic(requests, body, by_status, cache, busy)
 
 
 def origin_server(workdir: Path, root: Path) -> Nginx:

@@ -41,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _readbench_cases import Bench, CaseError, Settings  # noqa: E402
 from _readbench_image import ensure_images  # noqa: E402
 from _readbench_mounts import MountError, tool_missing  # noqa: E402
+from _readbench_profile import render as profile_render  # noqa: E402
+from _readbench_profile import summarize as profile_summary  # noqa: E402
 from _readbench_report import render, table, targets  # noqa: E402
 from _readbench_servers import NGINX, ServerError, origin_server  # noqa: E402
 
@@ -119,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile",
         type=Path,
         metavar="FILE",
-        help="also run one cold imgstore read under py-spy, raw stacks into FILE",
+        help="also run two cold imgstore reads under py-spy (CPU, then wall clock with --idle); "
+        "raw stacks go to FILE.cpu.txt and FILE.wall.txt, a summary into the table and JSON",
     )
     p.add_argument(
         "--keep-logs",
@@ -204,11 +207,16 @@ def run(args: argparse.Namespace) -> int:
                         continue  # measured right after its cold read, on the same cache
                     _one(bench, case, tool, run_no, samples, errors)
         if pyspy is not None and "imgstore" not in missing:
-            log.info("profiling one cold imgstore read with py-spy")
-            try:
-                profile = bench.profile(args.profile.resolve(), pyspy)
-            except (CaseError, MountError, ServerError, OSError) as exc:
-                errors.append({"case": "profile", "tool": "imgstore", "error": str(exc)})
+            profile = {}
+            for mode in ("cpu", "wall"):
+                log.info("profiling one cold imgstore read with py-spy (%s)", mode)
+                raw = args.profile.resolve().with_suffix(f".{mode}.txt")
+                try:
+                    prof = bench.profile(raw, pyspy, wall=mode == "wall")
+                except (CaseError, MountError, ServerError, OSError) as exc:
+                    errors.append({"case": "profile", "tool": "imgstore", "error": str(exc)})
+                    continue
+                profile[mode] = {**prof, "summary": profile_summary(raw)}
     elapsed = time.perf_counter() - started
 
     tgts = targets(samples, args.size, args.chunk_size, args.random_reads)
@@ -222,6 +230,9 @@ def run(args: argparse.Namespace) -> int:
         text += "\n\nerrors:\n" + "\n".join(
             f"  {e['case']}/{e['tool']} run {e.get('run', '-')}: {e['error']}" for e in errors
         )
+    for mode, prof in (profile or {}).items():
+        text += f"\n\nprofile ({mode}, one cold read, {prof['seconds']:.2f} s):\n"
+        text += profile_render(prof["summary"])
     print(text)
     out = args.json or HERE / "results" / f"read-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
