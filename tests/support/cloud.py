@@ -1,1 +1,467 @@
-"""Placeholder: filled in by the fixtures work."""
+"""The stand-in cloud: moto in server mode (real S3 and EC2 over HTTP) plus throw-away keys.
+
+Fixtures:
+
+- `cloud_server` (session): one `python -m moto.server` process on a free 127.0.0.1 port, an
+  EC2 proxy in front of it (see below), and RSA keys with self-signed certificates.
+- `cloud` (function): a `StandInCloud` with moto reset, the proxy's record cleared and a fresh
+  bucket name. Use its `write_config()` / `write_eucarc()` for the registrar's config.
+
+moto checks nothing about bundles and its RegisterImage accepts anything, so the EC2 endpoint
+the registrar is given (`cloud.ec2_url`) is a small recording proxy of ours in front of moto:
+
+- `cloud.ec2_calls`: every EC2 request as a dict of its query parameters, in arrival order
+  (to prove what was registered with which KernelId/RamdiskId, and in which order);
+- `cloud.refuse("RegisterImage", code, message)`: answer that action with an EC2 error, the
+  way Eucalyptus refuses an invalid manifest or parameter;
+- `cloud.hold_pending = True`: DescribeImages reports `pending` instead of `available`, the
+  way a slow or stuck Eucalyptus does.
+
+S3 goes to moto directly (`cloud.s3_url`). `cloud.s3` and `cloud.ec2` are boto3 clients for the
+tests' own checks (straight to moto). Keys: `cloud.cloud_cert`/`cloud.cloud_key` stand for the
+Eucalyptus cloud certificate and its private key (which only the cloud has; tests use it to
+decrypt bundles), `cloud.user_cert`/`cloud.user_key` for the user's credentials.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import http.client
+import http.server
+import itertools
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import botocore.config
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+ACCOUNT_ID = "123456789012"  # moto's default account
+ACCESS_KEY = "testing"
+SECRET_KEY = "testing"
+REGION = "us-east-1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Credentials:
+    """PEM files of the stand-in cloud's and user's keys and certificates."""
+
+    cloud_cert: Path
+    cloud_key: Path
+    user_cert: Path
+    user_key: Path
+
+
+def make_key_and_cert(directory: Path, stem: str, common_name: str) -> tuple[Path, Path]:
+    """Write `<stem>-pk.pem` (RSA 2048, unencrypted PKCS#8) and `<stem>-cert.pem` (self-signed)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .sign(key, hashes.SHA256())
+    )
+    key_path = directory / f"{stem}-pk.pem"
+    cert_path = directory / f"{stem}-cert.pem"
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class MotoProcess:
+    """`python -m moto.server` on a free loopback port, started and waited for with a deadline."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, deadline_s: float = 60.0) -> None:
+        for _attempt in range(3):  # another process may grab the port between probe and bind
+            self.port = _free_port()
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                )
+            if self._wait_ready(deadline_s):
+                return
+            self.stop()
+        raise RuntimeError(f"moto server did not start; see {self.log_path}")
+
+    def _wait_ready(self, deadline_s: float) -> bool:
+        assert self.proc is not None
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            try:
+                with urllib.request.urlopen(f"{self.url}/moto-api/data.json", timeout=2):
+                    return True
+            except OSError:
+                time.sleep(0.05)
+        return False
+
+    def reset(self) -> None:
+        request = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST", data=b"")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            response.read()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+class Ec2Proxy:
+    """A recording, fault-injecting HTTP proxy for EC2 query-API calls, in front of moto."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.calls: list[dict[str, str]] = []
+        self.refusals: dict[str, tuple[int, str, str]] = {}
+        self.hold_pending = False
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802
+                proxy._handle(self)
+
+            def do_GET(self) -> None:  # noqa: N802
+                proxy._handle(self)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.calls.clear()
+            self.refusals.clear()
+            self.hold_pending = False
+
+    def _handle(self, handler: http.server.BaseHTTPRequestHandler) -> None:
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length) if length else b""
+        query = urllib.parse.urlsplit(handler.path).query
+        params = dict(urllib.parse.parse_qsl(query))
+        params.update(urllib.parse.parse_qsl(body.decode("utf-8", "replace")))
+        action = params.get("Action", "")
+        with self._lock:
+            self.calls.append(params)
+            refusal = self.refusals.get(action)
+            hold = self.hold_pending
+        if refusal is not None:
+            status, code, message = refusal
+            xml = (
+                '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error>'
+                f"<Code>{code}</Code><Message>{message}</Message></Error></Errors>"
+                "<RequestID>stand-in</RequestID></Response>"
+            ).encode()
+            self._reply(handler, status, {"Content-Type": "text/xml"}, xml)
+            return
+        conn = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=60)
+        try:
+            headers = {k: v for k, v in handler.headers.items() if k.lower() != "connection"}
+            conn.request(handler.command, handler.path, body=body, headers=headers)
+            response = conn.getresponse()
+            data = response.read()
+            out_headers = {
+                k: v
+                for k, v in response.getheaders()
+                if k.lower() not in ("transfer-encoding", "connection", "content-length")
+            }
+            if hold and action == "DescribeImages":
+                data = data.replace(
+                    b"<imageState>available</imageState>", b"<imageState>pending</imageState>"
+                )
+            self._reply(handler, response.status, out_headers, data)
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _reply(
+        handler: http.server.BaseHTTPRequestHandler,
+        status: int,
+        headers: dict[str, str],
+        body: bytes,
+    ) -> None:
+        handler.send_response(status)
+        for key, value in headers.items():
+            handler.send_header(key, value)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+
+@dataclasses.dataclass
+class CloudServer:
+    """The session's moto process, EC2 proxy and keys."""
+
+    moto: MotoProcess
+    proxy: Ec2Proxy
+    credentials: Credentials
+    workdir: Path
+
+
+_bucket_numbers = itertools.count(1)
+
+
+class StandInCloud:
+    """What a test sees: endpoints, credentials, key files, clients, config writers."""
+
+    access_key = ACCESS_KEY
+    secret_key = SECRET_KEY
+    account_id = ACCOUNT_ID
+    region = REGION
+
+    def __init__(self, server: CloudServer, bucket: str) -> None:
+        self._server = server
+        self.bucket = bucket
+        self.endpoint_url = server.moto.url
+        self.s3_url = server.moto.url
+        self.ec2_url = server.proxy.url
+        creds = server.credentials
+        self.cloud_cert = creds.cloud_cert
+        self.cloud_key = creds.cloud_key
+        self.user_cert = creds.user_cert
+        self.user_key = creds.user_key
+        session = boto3.session.Session(
+            aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY, region_name=REGION
+        )
+        config = botocore.config.Config(s3={"addressing_style": "path"})
+        self.s3 = session.client("s3", endpoint_url=self.endpoint_url, config=config)
+        self.ec2 = session.client("ec2", endpoint_url=self.endpoint_url)
+
+    # --- the proxy's record and faults ---
+
+    @property
+    def ec2_calls(self) -> list[dict[str, str]]:
+        with self._server.proxy._lock:
+            return list(self._server.proxy.calls)
+
+    def calls_of(self, action: str) -> list[dict[str, str]]:
+        """The recorded EC2 requests of one action, in order."""
+        return [call for call in self.ec2_calls if call.get("Action") == action]
+
+    def refuse(
+        self,
+        action: str,
+        code: str = "InvalidParameterValue",
+        message: str = "refused by the stand-in cloud",
+        status: int = 400,
+    ) -> None:
+        """Make the EC2 endpoint answer `action` with this error from now on."""
+        with self._server.proxy._lock:
+            self._server.proxy.refusals[action] = (status, code, message)
+
+    @property
+    def hold_pending(self) -> bool:
+        return self._server.proxy.hold_pending
+
+    @hold_pending.setter
+    def hold_pending(self, value: bool) -> None:
+        with self._server.proxy._lock:
+            self._server.proxy.hold_pending = value
+
+    # --- S3 inspection ---
+
+    def bucket_keys(self, bucket: str | None = None) -> list[str]:
+        """Every key in the bucket ([] if the bucket does not exist)."""
+        try:
+            pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket or self.bucket)
+            return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+        except self.s3.exceptions.NoSuchBucket:
+            return []
+
+    def image_ids(self) -> list[str]:
+        """Every image moto has registered (deregistered ones are gone)."""
+        return sorted(i["ImageId"] for i in self.ec2.describe_images(Owners=["self"])["Images"])
+
+    # --- config files for the registrar ---
+
+    def cloud_settings(self, *, signed: bool = True, user_cert: bool = True) -> dict[str, Any]:
+        """The `[cloud]` keys for this stand-in, as a dict."""
+        settings: dict[str, Any] = {
+            "ec2_url": self.ec2_url,
+            "s3_url": self.s3_url,
+            "access_key": self.access_key,
+            "secret_key": self.secret_key,
+            "account_id": self.account_id,
+            "region": self.region,
+            "cloud_cert": str(self.cloud_cert),
+            "poll_interval": 0.05,
+            "register_timeout": 30,
+        }
+        if user_cert:
+            settings["user_cert"] = str(self.user_cert)
+        if signed:
+            settings["user_key"] = str(self.user_key)
+        return settings
+
+    def write_config(
+        self,
+        path: Path,
+        *,
+        signed: bool = True,
+        user_cert: bool = True,
+        eucarc: Path | None = None,
+        state_dir: Path | None = None,
+        **cloud: Any,
+    ) -> Path:
+        """Write a TOML config with `[registrar]` (bucket, state_dir) and `[cloud]`.
+
+        With `eucarc`, `[cloud]` names that file instead of the endpoints and credentials;
+        keyword arguments add or override `[cloud]` keys (None removes one).
+        """
+        settings = (
+            {
+                "eucarc": str(eucarc),
+                "region": self.region,
+                "poll_interval": 0.05,
+                "register_timeout": 30,
+            }
+            if eucarc
+            else self.cloud_settings(signed=signed, user_cert=user_cert)
+        )
+        settings.update(cloud)
+        state = state_dir or path.parent / "state"
+        lines = [
+            "[registrar]",
+            f"bucket = {_toml(self.bucket)}",
+            f"state_dir = {_toml(str(state))}",
+            "",
+            "[cloud]",
+        ]
+        lines += [f"{key} = {_toml(value)}" for key, value in settings.items() if value is not None]
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def write_eucarc(self, directory: Path, *, signed: bool = True) -> Path:
+        """Write a eucarc in Eucalyptus' own style (EUCA_KEY_DIR, exports, quoted values).
+
+        The key files are copied beside it, as `euca-get-credentials` unpacks them.
+        """
+        directory.mkdir(parents=True, exist_ok=True)
+        for source, name in (
+            (self.cloud_cert, "cloud-cert.pem"),
+            (self.user_cert, "euca2-admin-cert.pem"),
+            (self.user_key, "euca2-admin-pk.pem"),
+        ):
+            (directory / name).write_bytes(source.read_bytes())
+        lines = [
+            "EUCA_KEY_DIR=$(cd $(dirname ${BASH_SOURCE:-$0}); pwd -P)",
+            f"export S3_URL={self.s3_url}",
+            f"export EC2_URL={self.ec2_url}",
+            "export EUARE_URL=http://127.0.0.1:1/services/Euare",
+            "export EC2_CERT=${EUCA_KEY_DIR}/euca2-admin-cert.pem",
+            "export EUCALYPTUS_CERT=${EUCA_KEY_DIR}/cloud-cert.pem",
+            f"export EC2_ACCOUNT_NUMBER='{self.account_id}'",
+            f"export EC2_ACCESS_KEY='{self.access_key}'",
+            f"export EC2_SECRET_KEY='{self.secret_key}'",
+            f"export EC2_USER_ID='{self.account_id}'",
+            'alias ec2-bundle-image="ec2-bundle-image --cert ${EC2_CERT}"',
+        ]
+        if signed:
+            lines.insert(4, "export EC2_PRIVATE_KEY=${EUCA_KEY_DIR}/euca2-admin-pk.pem")
+        path = directory / "eucarc"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value)
+    return '"' + re.sub(r'(["\\])', r"\\\1", text) + '"'
+
+
+@pytest.fixture(scope="session")
+def cloud_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudServer]:
+    """One moto server, EC2 proxy and key set for the whole session."""
+    workdir = tmp_path_factory.mktemp("cloud")
+    cloud_key, cloud_cert = make_key_and_cert(workdir, "cloud", "stand-in Eucalyptus cloud")
+    user_key, user_cert = make_key_and_cert(workdir, "user", "stand-in user")
+    moto = MotoProcess(workdir / "moto.log")
+    moto.start()
+    proxy = Ec2Proxy(moto.port)
+    proxy.start()
+    try:
+        yield CloudServer(
+            moto, proxy, Credentials(cloud_cert, cloud_key, user_cert, user_key), workdir
+        )
+    finally:
+        proxy.stop()
+        moto.stop()
+
+
+@pytest.fixture
+def cloud(cloud_server: CloudServer) -> StandInCloud:
+    """A clean stand-in cloud: moto reset, proxy record cleared, a bucket name of its own."""
+    cloud_server.moto.reset()
+    cloud_server.proxy.clear()
+    return StandInCloud(cloud_server, f"imageproxy-test-{os.getpid()}-{next(_bucket_numbers)}")

@@ -1,0 +1,99 @@
+"""The stand-in cloud fixture itself: real S3 and EC2 over HTTP, keys that belong together."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import urllib.error
+import urllib.request
+
+import botocore.exceptions
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding
+
+from tests.support.cloud import StandInCloud
+
+
+def test_s3_put_and_get_over_http(cloud: StandInCloud) -> None:
+    cloud.s3.create_bucket(Bucket=cloud.bucket)
+    body = os.urandom(100_000)
+    cloud.s3.put_object(Bucket=cloud.bucket, Key="a/b.part.00", Body=body, ACL="aws-exec-read")
+    got = cloud.s3.get_object(Bucket=cloud.bucket, Key="a/b.part.00")["Body"].read()
+    assert got == body
+    assert cloud.bucket_keys() == ["a/b.part.00"]
+    # It really is an HTTP server, and it keeps the canned ACL: anonymous reads are refused.
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{cloud.s3_url}/{cloud.bucket}/a/b.part.00")
+    refused.value.close()
+    assert refused.value.code == 403
+
+
+def test_each_test_starts_with_an_empty_cloud(cloud: StandInCloud) -> None:
+    assert cloud.image_ids() == []
+    assert cloud.s3.list_buckets()["Buckets"] == []
+    assert cloud.ec2_calls == []
+
+
+def test_ec2_register_and_describe_through_the_recording_proxy(cloud: StandInCloud) -> None:
+    import boto3
+
+    ec2 = boto3.client(
+        "ec2",
+        endpoint_url=cloud.ec2_url,
+        region_name=cloud.region,
+        aws_access_key_id=cloud.access_key,
+        aws_secret_access_key=cloud.secret_key,
+    )
+    image_id = ec2.register_image(
+        ImageLocation=f"{cloud.bucket}/x/x.manifest.xml", Name="fixture-test", KernelId="aki-1"
+    )["ImageId"]
+    images = ec2.describe_images(ImageIds=[image_id])["Images"]
+    assert images[0]["State"] == "available"
+    assert cloud.image_ids() == [image_id]
+    [call] = cloud.calls_of("RegisterImage")
+    assert call["ImageLocation"] == f"{cloud.bucket}/x/x.manifest.xml"
+    assert call["KernelId"] == "aki-1"
+
+    cloud.hold_pending = True
+    assert ec2.describe_images(ImageIds=[image_id])["Images"][0]["State"] == "pending"
+
+    cloud.refuse("RegisterImage", "InvalidManifest", "bad manifest")
+    with pytest.raises(botocore.exceptions.ClientError) as caught:
+        ec2.register_image(ImageLocation="b/y.manifest.xml", Name="second")
+    assert caught.value.response["Error"] == {"Code": "InvalidManifest", "Message": "bad manifest"}
+    assert cloud.image_ids() == [image_id]
+
+
+def test_certificates_load_and_keys_match(cloud: StandInCloud) -> None:
+    for cert_path, key_path in (
+        (cloud.cloud_cert, cloud.cloud_key),
+        (cloud.user_cert, cloud.user_key),
+    ):
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        assert cert.public_key().public_numbers() == key.public_key().public_numbers()
+        secret = b"0123456789abcdef0123456789abcdef"
+        assert (
+            key.decrypt(cert.public_key().encrypt(secret, padding.PKCS1v15()), padding.PKCS1v15())
+            == secret
+        )
+        signature = key.sign(b"x", padding.PKCS1v15(), hashes.SHA1())
+        cert.public_key().verify(signature, b"x", padding.PKCS1v15(), hashes.SHA1())
+    cloud_numbers = x509.load_pem_x509_certificate(cloud.cloud_cert.read_bytes()).public_key()
+    user_numbers = x509.load_pem_x509_certificate(cloud.user_cert.read_bytes()).public_key()
+    assert cloud_numbers.public_numbers() != user_numbers.public_numbers()
+
+
+def test_config_and_eucarc_writers(cloud: StandInCloud, tmp_path) -> None:
+    config = tomllib.loads(cloud.write_config(tmp_path / "c.toml").read_text())
+    assert config["registrar"]["bucket"] == cloud.bucket
+    assert config["cloud"]["s3_url"] == cloud.s3_url
+    assert config["cloud"]["user_key"] == str(cloud.user_key)
+    unsigned = tomllib.loads(cloud.write_config(tmp_path / "u.toml", signed=False).read_text())
+    assert "user_key" not in unsigned["cloud"]
+    eucarc = cloud.write_eucarc(tmp_path / "euca")
+    text = eucarc.read_text()
+    assert f"export EC2_URL={cloud.ec2_url}" in text
+    assert (tmp_path / "euca" / "cloud-cert.pem").read_bytes() == cloud.cloud_cert.read_bytes()
