@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 FILENAME = "registry.sqlite3"
 BUSY_TIMEOUT_MS = 30_000
+ABANDONED = "abandoned"  # a pid_start no process has: the job's owner gave it up
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS answers (
@@ -111,7 +112,8 @@ class Job:
 
     def owner_alive(self) -> bool:
         """Whether the process that claimed this job still runs (same pid, same start time)."""
-        return process_start(self.pid) == self.pid_start
+        start = process_start(self.pid)
+        return bool(start) and start == self.pid_start
 
 
 def process_start(pid: int) -> str:
@@ -314,6 +316,14 @@ class Registry:
         """Drop our job for `key` (after a failure whose cloud objects were cleaned up)."""
         with self._transaction() as db:
             db.execute("DELETE FROM jobs WHERE key = ? AND owner = ?", (key, owner))
+
+    def abandon(self, key: str, owner: str) -> None:
+        """Mark our job for `key` as abandoned (its cleanup failed): the next claim redoes it."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE jobs SET pid = 0, pid_start = ? WHERE key = ? AND owner = ?",
+                (ABANDONED, key, owner),
+            )
 
     def abandoned_jobs(self) -> list[Job]:
         """Jobs whose owner process is gone: half-done registrations to clean up."""

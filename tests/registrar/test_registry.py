@@ -182,3 +182,12 @@ def test_concurrent_writers_never_see_database_locked(tmp_path: Path, registry: 
     assert errors == []
     assert len(registry.images()) == 300
     assert len(registry.answers()) == 300
+
+
+def test_abandoned_job_is_cleaned_at_the_next_claim(registry: Registry) -> None:
+    registry.claim("k", "registrar:me:1")
+    registry.record_bundle("k", "b", "pfx")
+    registry.abandon("k", "registrar:me:1")
+    (job,) = registry.abandoned_jobs()
+    assert (job.owner, job.prefix, job.owner_alive()) == ("registrar:me:1", "pfx", False)
+    assert registry.claim("k", "registrar:me:2") == job
