@@ -17,9 +17,20 @@ from tests.support.cloud import StandInCloud
 
 
 def test_s3_put_and_get_over_http(cloud: StandInCloud) -> None:
-    cloud.s3.create_bucket(Bucket=cloud.bucket)
+    import boto3
+
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=cloud.s3_url,
+        region_name=cloud.region,
+        aws_access_key_id=cloud.access_key,
+        aws_secret_access_key=cloud.secret_key,
+    )
+    s3.create_bucket(Bucket=cloud.bucket)
     body = os.urandom(100_000)
-    cloud.s3.put_object(Bucket=cloud.bucket, Key="a/b.part.00", Body=body, ACL="aws-exec-read")
+    s3.put_object(Bucket=cloud.bucket, Key="a/b.part.00", Body=body, ACL="aws-exec-read")
+    assert ("PUT", f"/{cloud.bucket}/a/b.part.00", "aws-exec-read") in cloud.s3_requests
+    assert s3.head_object(Bucket=cloud.bucket, Key="a/b.part.00")["ContentLength"] == len(body)
     got = cloud.s3.get_object(Bucket=cloud.bucket, Key="a/b.part.00")["Body"].read()
     assert got == body
     assert cloud.bucket_keys() == ["a/b.part.00"]

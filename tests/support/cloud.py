@@ -2,23 +2,25 @@
 
 Fixtures:
 
-- `cloud_server` (session): one `python -m moto.server` process on a free 127.0.0.1 port, an
-  EC2 proxy in front of it (see below), and RSA keys with self-signed certificates.
+- `cloud_server` (session): one `python -m moto.server` process on a free 127.0.0.1 port, a
+  recording S3+EC2 proxy in front of it (see below), and RSA keys with self-signed certificates.
 - `cloud` (function): a `StandInCloud` with moto reset, the proxy's record cleared and a fresh
   bucket name. Use its `write_config()` / `write_eucarc()` for the registrar's config.
 
-moto checks nothing about bundles and its RegisterImage accepts anything, so the EC2 endpoint
-the registrar is given (`cloud.ec2_url`) is a small recording proxy of ours in front of moto:
+moto checks nothing about bundles, ignores canned ACLs, and its RegisterImage accepts anything,
+so the endpoints the registrar is given (`cloud.s3_url`, `cloud.ec2_url`) are a small recording
+proxy of ours in front of moto:
 
 - `cloud.ec2_calls`: every EC2 request as a dict of its query parameters, in arrival order
   (to prove what was registered with which KernelId/RamdiskId, and in which order);
+- `cloud.s3_requests`: every S3 request as (method, path, x-amz-acl header);
 - `cloud.refuse("RegisterImage", code, message)`: answer that action with an EC2 error, the
   way Eucalyptus refuses an invalid manifest or parameter;
 - `cloud.hold_pending = True`: DescribeImages reports `pending` instead of `available`, the
   way a slow or stuck Eucalyptus does.
 
-S3 goes to moto directly (`cloud.s3_url`). `cloud.s3` and `cloud.ec2` are boto3 clients for the
-tests' own checks (straight to moto). Keys: `cloud.cloud_cert`/`cloud.cloud_key` stand for the
+`cloud.s3` and `cloud.ec2` are boto3 clients for the tests' own checks, straight to moto
+(`cloud.endpoint_url`). Keys: `cloud.cloud_cert`/`cloud.cloud_key` stand for the
 Eucalyptus cloud certificate and its private key (which only the cloud has; tests use it to
 decrypt bundles), `cloud.user_cert`/`cloud.user_key` for the user's credentials.
 """
@@ -157,12 +159,13 @@ class MotoProcess:
         self.proc = None
 
 
-class Ec2Proxy:
-    """A recording, fault-injecting HTTP proxy for EC2 query-API calls, in front of moto."""
+class RecordingProxy:
+    """A recording, fault-injecting HTTP proxy for S3 and EC2 requests, in front of moto."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
         self.calls: list[dict[str, str]] = []
+        self.s3_requests: list[tuple[str, str, str | None]] = []
         self.refusals: dict[str, tuple[int, str, str]] = {}
         self.hold_pending = False
         self._lock = threading.Lock()
@@ -178,6 +181,15 @@ class Ec2Proxy:
                 proxy._handle(self)
 
             def do_GET(self) -> None:  # noqa: N802
+                proxy._handle(self)
+
+            def do_PUT(self) -> None:  # noqa: N802
+                proxy._handle(self)
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                proxy._handle(self)
+
+            def do_DELETE(self) -> None:  # noqa: N802
                 proxy._handle(self)
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -199,6 +211,7 @@ class Ec2Proxy:
     def clear(self) -> None:
         with self._lock:
             self.calls.clear()
+            self.s3_requests.clear()
             self.refusals.clear()
             self.hold_pending = False
 
@@ -207,11 +220,17 @@ class Ec2Proxy:
         body = handler.rfile.read(length) if length else b""
         query = urllib.parse.urlsplit(handler.path).query
         params = dict(urllib.parse.parse_qsl(query))
-        params.update(urllib.parse.parse_qsl(body.decode("utf-8", "replace")))
-        action = params.get("Action", "")
+        form = handler.headers.get("Content-Type", "").startswith("application/x-www-form")
+        if form:
+            params.update(urllib.parse.parse_qsl(body.decode("utf-8", "replace")))
+        action = params.get("Action", "") if form else ""
         with self._lock:
-            self.calls.append(params)
-            refusal = self.refusals.get(action)
+            if action:
+                self.calls.append(params)
+            else:
+                path = urllib.parse.urlsplit(handler.path).path
+                self.s3_requests.append((handler.command, path, handler.headers.get("x-amz-acl")))
+            refusal = self.refusals.get(action) if action else None
             hold = self.hold_pending
         if refusal is not None:
             status, code, message = refusal
@@ -231,13 +250,14 @@ class Ec2Proxy:
             out_headers = {
                 k: v
                 for k, v in response.getheaders()
-                if k.lower() not in ("transfer-encoding", "connection", "content-length")
+                if k.lower() not in ("transfer-encoding", "connection")
+                and (k.lower() != "content-length" or handler.command == "HEAD")
             }
             if hold and action == "DescribeImages":
                 data = data.replace(
                     b"<imageState>available</imageState>", b"<imageState>pending</imageState>"
                 )
-            self._reply(handler, response.status, out_headers, data)
+            self._reply(handler, response.status, out_headers, data, head=handler.command == "HEAD")
         finally:
             conn.close()
 
@@ -247,21 +267,27 @@ class Ec2Proxy:
         status: int,
         headers: dict[str, str],
         body: bytes,
+        *,
+        head: bool = False,
     ) -> None:
         handler.send_response(status)
         for key, value in headers.items():
             handler.send_header(key, value)
-        handler.send_header("Content-Length", str(len(body)))
+        if not head:
+            handler.send_header("Content-Length", str(len(body)))
+        elif "content-length" not in {k.lower() for k in headers}:
+            handler.send_header("Content-Length", "0")
         handler.end_headers()
-        handler.wfile.write(body)
+        if not head:
+            handler.wfile.write(body)
 
 
 @dataclasses.dataclass
 class CloudServer:
-    """The session's moto process, EC2 proxy and keys."""
+    """The session's moto process, recording proxy and keys."""
 
     moto: MotoProcess
-    proxy: Ec2Proxy
+    proxy: RecordingProxy
     credentials: Credentials
     workdir: Path
 
@@ -281,7 +307,7 @@ class StandInCloud:
         self._server = server
         self.bucket = bucket
         self.endpoint_url = server.moto.url
-        self.s3_url = server.moto.url
+        self.s3_url = server.proxy.url
         self.ec2_url = server.proxy.url
         creds = server.credentials
         self.cloud_cert = creds.cloud_cert
@@ -301,6 +327,11 @@ class StandInCloud:
     def ec2_calls(self) -> list[dict[str, str]]:
         with self._server.proxy._lock:
             return list(self._server.proxy.calls)
+
+    @property
+    def s3_requests(self) -> list[tuple[str, str, str | None]]:
+        with self._server.proxy._lock:
+            return list(self._server.proxy.s3_requests)
 
     def calls_of(self, action: str) -> list[dict[str, str]]:
         """The recorded EC2 requests of one action, in order."""
@@ -442,13 +473,13 @@ def _toml(value: Any) -> str:
 
 @pytest.fixture(scope="session")
 def cloud_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudServer]:
-    """One moto server, EC2 proxy and key set for the whole session."""
+    """One moto server, recording proxy and key set for the whole session."""
     workdir = tmp_path_factory.mktemp("cloud")
     cloud_key, cloud_cert = make_key_and_cert(workdir, "cloud", "stand-in Eucalyptus cloud")
     user_key, user_cert = make_key_and_cert(workdir, "user", "stand-in user")
     moto = MotoProcess(workdir / "moto.log")
     moto.start()
-    proxy = Ec2Proxy(moto.port)
+    proxy = RecordingProxy(moto.port)
     proxy.start()
     try:
         yield CloudServer(
