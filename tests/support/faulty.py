@@ -35,7 +35,12 @@ When well behaved it answers ``GET``/``HEAD /<name>`` with ``200``, ``Content-Le
   if the client hangs up mid-write, that piece still counts.
 - ``log(name=None) -> list[dict]`` -- one dict per request, oldest first: ``seq``, ``name``,
   ``method``, ``range``, ``if_range`` (header values or ``None``), ``status``, ``body_bytes``,
-  ``faults`` (the ``Faults`` applied). ``body_bytes`` grows while a response is being sent.
+  ``faults`` (the ``Faults`` applied) and ``state``: ``"started"``, ``"sending"``, ``"paused"``
+  (in a stall or throttle pause), ``"done"``, ``"reset"`` or ``"client gone"``.
+  ``body_bytes`` grows while a response is being sent.
+- ``wait_state(name, state, timeout=10) -> dict`` -- poll until the latest request for
+  ``name`` is in ``state`` (e.g. ``"paused"``: the server is provably stalling now); return its
+  log entry. Fails the test at the deadline.
 - ``close()`` -- stop the server (the fixture does it).
 
 ``Faults`` (a frozen dataclass; all fields default to "behave"):
@@ -64,6 +69,7 @@ import logging
 import socket
 import struct
 import threading
+import time
 import urllib.parse
 from collections import deque
 from collections.abc import Iterator
@@ -161,11 +167,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _serve(self, *, head: bool) -> None:
         try:
             self._answer(head)
+            self._set_state("done")
         except _Aborted:
             self.close_connection = True
         except OSError as exc:  # the client went away: normal in fault tests
             log.debug("faulty_origin: client gone: %s", exc)
+            self._set_state("client gone")
             self.close_connection = True
+
+    def _set_state(self, state: str) -> None:
+        with self.server.lock:
+            self._entry["state"] = state
 
     def _answer(self, head: bool) -> None:
         name = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).lstrip("/")
@@ -176,6 +188,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             "if_range": self.headers.get("If-Range"),
             "status": None,
             "body_bytes": 0,
+            "state": "started",
         }
         with self.server.lock:
             self.server.seq += 1
@@ -218,7 +231,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if not head:
-            self._send_body(bytes(body), faults, name)
+            self._send_body(bytes(body), faults)
 
     def _status(self, code: int) -> None:
         self._entry["status"] = code
@@ -234,7 +247,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _send_body(self, body: bytes, faults: Faults, name: str) -> None:
+    def _send_body(self, body: bytes, faults: Faults) -> None:
         piece = faults.piece if faults.throttle else _CHUNK
         stops = [b for b in (faults.reset_after, faults.stall_at if faults.stall else None) if b]
         sent = 0
@@ -264,11 +277,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _pause(self, seconds: float) -> None:
         # Waiting on the server's stop event, not sleeping: shutdown wakes every stalled handler.
+        self._set_state("paused")
         if self.server.stopping.wait(seconds):
             self._reset()
+        self._set_state("sending")
 
     def _reset(self) -> None:
         """Abort with a TCP RST: SO_LINGER 0, then really close (rfile holds a reference)."""
+        self._set_state("reset")
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.connection.close()
         self.rfile.close()
@@ -353,6 +369,18 @@ class FaultyOrigin:
                 return [dict(e) for e in self._file(name).log]
             entries = [e for f in self._server.files.values() for e in f.log]
             return [dict(e) for e in sorted(entries, key=lambda e: e["seq"])]
+
+    def wait_state(self, name: str, state: str, timeout: float = 10) -> dict[str, Any]:
+        """Poll until the latest request for ``name`` is in ``state``; return its entry."""
+        deadline = time.monotonic() + timeout
+        while True:
+            entries = self.log(name)
+            if entries and entries[-1]["state"] == state:
+                return entries[-1]
+            if time.monotonic() > deadline:
+                last = entries[-1]["state"] if entries else "no request yet"
+                pytest.fail(f"faulty_origin: {name!r} not {state!r} within {timeout}s ({last})")
+            time.sleep(0.005)
 
     def requests(self, name: str | None = None) -> int:
         return len(self.log(name))
