@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 Sample = dict[str, float | int | str | None]
 STATE_XATTR = "user.imgstore.state"
+# A reader that has not finished by then is hung: fail the case rather than the whole run.
+READ_TIMEOUT_S = 900.0
 
 
 class CaseError(Exception):
@@ -187,9 +189,11 @@ class Bench:
             self.cold_start([blob])
             poller = StatePoller(path)
             poller.start()
-            seconds = timed_cat([path])
-            poller.join(timeout=max(60.0, 3 * seconds))
-            poller.stop()
+            try:
+                seconds = timed_cat([path])
+                poller.join(timeout=max(60.0, 3 * seconds))
+            finally:
+                poller.stop()
             cold: Sample = {
                 "seconds": seconds,
                 "verified_s": poller.verified_at,
@@ -430,22 +434,36 @@ def timed_cat(paths: list[Path]) -> float:
     return timed_parallel([["cat", str(p)] for p in paths])
 
 
-def timed_parallel(commands: list[list[str]]) -> float:
+def timed_parallel(commands: list[list[str]], timeout_s: float = READ_TIMEOUT_S) -> float:
+    """Seconds for the commands run all at once; raises CaseError if one fails or hangs."""
     t0 = time.perf_counter()
-    procs = [
-        subprocess.Popen(
-            c, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        for c in commands
-    ]
+    procs: list[subprocess.Popen[bytes]] = []
     failures = []
-    for c, p in zip(commands, procs, strict=True):
-        _, err = p.communicate()
-        if p.returncode != 0:
-            failures.append(
-                f"{' '.join(c)}: exit {p.returncode}: {err.decode(errors='replace').strip()[-200:]}"
+    try:
+        for c in commands:
+            procs.append(
+                subprocess.Popen(
+                    c, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+                )
             )
-    seconds = time.perf_counter() - t0
+        for c, p in zip(commands, procs, strict=True):
+            left = timeout_s - (time.perf_counter() - t0)
+            try:
+                _, err = p.communicate(timeout=max(left, 0.1))
+            except subprocess.TimeoutExpired:
+                raise CaseError(f"{' '.join(c)}: still running after {timeout_s:.0f} s") from None
+            if p.returncode != 0:
+                failures.append(
+                    f"{' '.join(c)}: exit {p.returncode}: "
+                    f"{err.decode(errors='replace').strip()[-200:]}"
+                )
+        seconds = time.perf_counter() - t0
+    finally:
+        # On failure or Ctrl-C no reader may outlive the case: it would keep the mount busy.
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     if failures:
         raise CaseError("; ".join(failures))
     return seconds

@@ -144,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # Both end the run through KeyboardInterrupt, so every mount and server is cleaned up; SIGINT
+    # explicitly too, since a shell starts background jobs with it ignored.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return run(args)
     except UsageError as exc:
