@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,10 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--config", metavar="FILE", type=Path, help="TOML file with a [store] section"
+        "--config",
+        metavar="FILE",
+        type=Path,
+        help="TOML file with a [store] section (default: $IMAGEPROXY_CONFIG if set)",
     )
     common.add_argument(
         "--cache-dir",
@@ -138,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _config(args: argparse.Namespace, **extra: Any) -> StoreConfig:
-    return load(args.config, {"cache_dir": args.cache_dir, **extra})
+    path = args.config
+    if path is None and os.environ.get("IMAGEPROXY_CONFIG"):
+        path = Path(os.environ["IMAGEPROXY_CONFIG"])
+    return load(path, {"cache_dir": args.cache_dir, **extra})
 
 
 def cmd_mount(args: argparse.Namespace) -> int:

@@ -1,8 +1,9 @@
 """Wiring of the mount: one nursery, signals, systemd notify, daemonizing, stale-mount cleanup.
 
 `run_mount` returns only once the mount is usable. Without `foreground` it forks: the child
-mounts and then writes one byte to a pipe; the parent exits 0 on that byte, or reports failure
-when the pipe closes without it (the child died, its error is on stderr).
+mounts, moves its stdout/stderr to cache_dir/imgstore.log, then writes one byte to a pipe; the
+parent exits 0 on that byte, or reports failure when the pipe closes without it (the child
+died, its error is on stderr).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def clean_stale_mount(mountpoint: Path) -> None:
     """Lazily unmount a dead FUSE mount ("Transport endpoint is not connected")."""
     try:
         os.stat(mountpoint)
+        # statfs always reaches the filesystem; stat may be answered from the kernel's cache.
+        os.statvfs(mountpoint)
         return
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
@@ -144,7 +147,7 @@ async def _serve(cfg: StoreConfig, mountpoint: Path, ready_fd: int | None) -> No
         try:
             store.nursery.start_soon(_signals)
             log.info("mounted %s (cache %s)", mountpoint, cfg.cache_dir)
-            _announce(ready_fd)
+            _announce(ready_fd, cfg.cache_dir / "imgstore.log")
             await pyfuse3.main()
         finally:
             # Unmount before anything else: a live mount without a daemon is the
@@ -154,8 +157,14 @@ async def _serve(cfg: StoreConfig, mountpoint: Path, ready_fd: int | None) -> No
     log.info("unmounted %s", mountpoint)
 
 
-def _announce(ready_fd: int | None) -> None:
+def _announce(ready_fd: int | None, log_path: Path) -> None:
     if ready_fd is not None:
+        # A daemon must not hold its caller's stdout/stderr open (a caller reading them would
+        # wait for our exit): from now on it logs to cache_dir/imgstore.log.
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
         os.write(ready_fd, b"1")
         os.close(ready_fd)
     notify_systemd(b"READY=1")

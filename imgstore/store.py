@@ -204,6 +204,11 @@ class Store:
                 f"{self.cfg.read_deadline:g}s"
             ) from None
         data = await self._io(blob.data.pread, off, end - off)
+        # Verification may have failed (and the bytes been dropped) while pread ran.
+        if blob.state == "corrupt":
+            raise BlobCorrupt(f"blob {blob.sha1} failed verification; re-add it")
+        if len(data) != end - off:
+            raise StoreError(f"blob {blob.sha1}: short read of the cache at {off}")
         handle.add(off, end)
         return data
 
