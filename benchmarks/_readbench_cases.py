@@ -161,8 +161,16 @@ class Bench:
                 path = self.blob_path(tool, m, blob)
                 _expect_size(path, blob)
                 self.cold_start([blob])
+                cpu0 = cpu_seconds(m.pid)
                 seconds = timed_cat([path])
-            return {"cold": {"seconds": seconds, **self.origin_shape(offset, blob, seconds)}}
+                cpu = cpu_seconds(m.pid) - cpu0
+            return {
+                "cold": {
+                    "seconds": seconds,
+                    "daemon_cpu_s": cpu,
+                    **self.origin_shape(offset, blob, seconds),
+                }
+            }
 
     def _curl_cold(self, d: Path, blob: Blob) -> Sample:
         out = d / "curl.out"
@@ -194,17 +202,20 @@ class Bench:
             _expect_size(path, blob)
             self.cold_start([blob])
             poller = StatePoller(path)
+            cpu0 = cpu_seconds(m.pid)
             poller.start()
             try:
                 seconds = timed_cat([path])
                 poller.join(timeout=max(60.0, 3 * seconds))
             finally:
                 poller.stop()
+            cpu = cpu_seconds(m.pid) - cpu0
             cold: Sample = {
                 "seconds": seconds,
                 "verified_s": poller.verified_at,
                 "final_state": poller.last_state,
                 "rss_hwm_bytes": vm_hwm(m.pid),
+                "daemon_cpu_s": cpu,
             }
         cold.update(self.origin_shape(offset, blob, seconds))
         if timed_cold:
@@ -511,6 +522,13 @@ def vm_hwm(pid: int) -> int | None:
     except FileNotFoundError:
         return None
     return None
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of `pid`, all threads, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    # After the command name: state is field 3, utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _state(path: Path) -> str:

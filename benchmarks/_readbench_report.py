@@ -147,6 +147,9 @@ def table(samples: Samples, size: int, missing: dict[str, str]) -> list[list[str
         flight = stat(samples, case, tool, "origin_in_flight")
         if reqs is not None and flight is not None and key == "seconds":
             extra += f" in {reqs.median:.0f} req, {flight.median:.1f} in flight"
+        cpu = stat(samples, case, tool, "daemon_cpu_s")
+        if cpu is not None and key == "seconds":
+            extra += f", daemon CPU {cpu.median:.2f} s"
         rows.append(
             [label, name or tool, _sec(s.median), f"{_sec(s.lo)}–{_sec(s.hi)}", extra, ratios]
         )
