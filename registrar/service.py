@@ -1,0 +1,552 @@
+"""RegisterImage end to end: metadata → imgstore → bundle → cloud → ids.
+
+    service = Service.from_config(config, store)   # registrar + [store] settings
+    service.recover()                              # clean up what a dead registrar left
+    answer = service.register(url, signature)      # blocks; call from a worker thread
+    text = service.answer_text(url, signature)     # the same, as ORCA's Properties text
+
+The steps of one call:
+
+1. Check the URL and signature (metadata.check_url / check_signature).
+2. If the registry has an answer for the metadata SHA-1 and one DescribeImages shows its ids
+   still exist, answer it: nothing is fetched, bundled or uploaded.
+3. Add the metadata to imgstore by its signature (URLs from SOAP are untrusted) and read it from
+   the mount — a complete read succeeds only on verified bytes — then parse it.
+4. For the kernel, then the ramdisk, then the machine image (which names their ids): if the
+   registry has the part's image and the cloud still has it, reuse it; otherwise claim the part's
+   key, add the part to imgstore, pin it, stream it from the mount through the bundler into the
+   upload, register it, wait until it is available, and record it.
+5. Save and return the answer.
+
+Single flight. Within this process, one thread does the work for a metadata SHA-1 and one for
+a part key; concurrent callers wait for it and share its result or its error (`_Flights`).
+Across processes (the server and a `registrar register`), the registry's job claims serialize a
+part key; a process that finds a live claim polls until it is released.
+
+Nothing leaks. A job records its bundle folder before uploading and its image id as soon as
+it is registered. On failure the folder is deleted and the image deregistered before the claim
+is dropped; if that cleanup itself fails the job is marked abandoned, so the next claim (or
+`recover()` at the next start) cleans it up again. A registrar killed mid-job leaves a job whose
+owner is dead; `recover()` and any later claim of that key clean it up the same way.
+
+Lock order: a metadata flight may wait on part flights, never the other way round; no lock is
+held while waiting on a flight or on the cloud.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+from imgstore import client as imgstore
+from imgstore.errors import BadUrl, OriginError, StoreError
+from registrar import names
+from registrar.bundle import bundle_image
+from registrar.cloud import BundleUpload, Cloud
+from registrar.config import Config
+from registrar.errors import (
+    CloudError,
+    FetchError,
+    InvalidURL,
+    RegistrarError,
+    RequestTooLarge,
+    SignatureMismatch,
+)
+from registrar.manifest import BundleKeys
+from registrar.metadata import (
+    MAX_METADATA_BYTES,
+    ImageSet,
+    Part,
+    check_signature,
+    check_url,
+)
+from registrar.metadata import parse as parse_metadata
+from registrar.properties import answer_text
+from registrar.registry import Answer, Claimed, Image, Job, Registry, image_key, process_start
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Progress = Callable[[str, int, int], None]  # (what, bytes done, bytes total)
+
+OWNER_PREFIX = "registrar:"
+DEFAULT_ARCH = "x86_64"
+_READ_BUFFER = 1024 * 1024
+_SHA1_IN_TEXT = re.compile(r"\b[0-9a-f]{40}\b")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the store is, and how long to wait for another process's registration."""
+
+    cache_dir: Path
+    mountpoint: Path
+    state_dir: Path
+    arch: str = DEFAULT_ARCH
+    compression_level: int = 3
+    claim_wait: float = 4 * 3600.0  # longer than any registration ORCA would still wait for
+    claim_poll: float = 0.5
+
+
+class _Flight:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class _Flights:
+    """In-process single flight: one caller per key does the work, the others share its outcome."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # guards _flights only; never held while working
+        self._flights: dict[object, _Flight] = {}
+
+    def run(self, key: object, work: Callable[[], T]) -> T:
+        with self._lock:
+            flight = self._flights.get(key)
+            leader = flight is None
+            if flight is None:
+                flight = self._flights[key] = _Flight()
+        if not leader:
+            flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            return flight.result  # type: ignore[no-any-return]
+        try:
+            flight.result = work()
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
+            with self._lock:
+                del self._flights[key]
+            flight.done.set()
+        return flight.result  # type: ignore[no-any-return]
+
+
+class _MountFile(io.RawIOBase):
+    """A blob read through the imgstore mount; a failed read raises our error, not OSError.
+
+    The bundler turns OSError into a generic BundleError; a registrar error passes through it
+    unchanged, so the caller learns that the bytes did not match or could not be fetched.
+    """
+
+    def __init__(self, path: Path, on_error: Callable[[OSError], RegistrarError]) -> None:
+        super().__init__()
+        self._on_error = on_error
+        try:
+            self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+        except OSError as exc:
+            raise on_error(exc) from exc
+
+    def readinto(self, buffer: Any) -> int:
+        try:
+            return self._file.readinto(buffer)  # type: ignore[no-any-return]
+        except OSError as exc:
+            raise self._on_error(exc) from exc
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+        super().close()
+
+
+def _label(url: str, fallback: str) -> str:
+    """A readable name for an image from its URL's last path segment."""
+    segment = unquote(urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
+    return names.sanitize(segment or fallback)
+
+
+def owner_process(owner: str) -> str:
+    """The per-process prefix of an owner ("registrar:<pid>:<start>:"), for bulk unpinning."""
+    return owner.rsplit(":", 1)[0] + ":"
+
+
+class Service:
+    """Does RegisterImage calls; thread-safe, one instance per process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        cloud: Cloud,
+        keys: BundleKeys,
+        account_id: str,
+        registry: Registry | None = None,
+    ) -> None:
+        self.settings = settings
+        self.cloud = cloud
+        self.keys = keys
+        self.account_id = account_id
+        self.registry = registry or Registry(settings.state_dir)
+        self._flights = _Flights()
+        self._jobs = 0
+        self._jobs_lock = threading.Lock()
+        pid = os.getpid()
+        self._owner_prefix = f"{OWNER_PREFIX}{pid}:{process_start(pid)}:"
+
+    @classmethod
+    def from_config(cls, config: Config, cache_dir: Path, mountpoint: Path) -> Service:
+        """The service for a loaded registrar config and the store's cache dir and mountpoint."""
+        cloud_cfg = config.require_cloud()
+        keys = BundleKeys.load(cloud_cfg.cloud_cert, cloud_cfg.user_cert, cloud_cfg.user_key)
+        settings = Settings(
+            cache_dir=cache_dir,
+            mountpoint=mountpoint,
+            state_dir=config.registrar.state_dir,
+            compression_level=cloud_cfg.compression_level,
+        )
+        return cls(settings, Cloud.from_config(config), keys, cloud_cfg.account_id)
+
+    def close(self) -> None:
+        self.registry.close()
+
+    # --- the call ---
+
+    def answer_text(self, url: str, signature: str) -> str:
+        """RegisterImage for the SOAP server: the answer as Properties text."""
+        answer = self.register(url, signature)
+        return answer_text(answer.filesystem, answer.kernel, answer.ramdisk)
+
+    def register(
+        self,
+        url: str,
+        signature: str,
+        *,
+        trusted: bool = False,
+        progress: Progress | None = None,
+    ) -> Answer:
+        """Register the image set described at `url` (whose SHA-1 is `signature`).
+
+        `trusted` marks URLs typed by the operator (`registrar register`) rather than received
+        over SOAP. Raises a RegistrarError subclass saying what failed and why.
+        """
+        url = check_url(url, "metadata URL")
+        sha1 = check_signature(signature, "metadata signature")
+        return self._flights.run(
+            ("metadata", sha1), lambda: self._register(url, sha1, trusted, progress)
+        )
+
+    def _register(self, url: str, sha1: str, trusted: bool, progress: Progress | None) -> Answer:
+        known = self.registry.answer(sha1)
+        if known is not None:
+            if self._alive(known.ids()):
+                log.info("metadata %s: answered from the registry", sha1)
+                return known
+            log.warning("metadata %s: a registered image is gone from the cloud; redoing", sha1)
+        images = self._read_metadata(url, sha1, trusted)
+        kernel_id = self._part(images.kernel, "kernel", "", "", trusted, progress)
+        ramdisk_id = self._part(images.ramdisk, "ramdisk", "", "", trusted, progress)
+        machine_id = self._part(
+            images.filesystem, "machine", kernel_id, ramdisk_id, trusted, progress
+        )
+        answer = Answer(sha1, url, machine_id, kernel_id, ramdisk_id)
+        self.registry.save_answer(answer)
+        log.info(
+            "metadata %s: FILESYSTEM=%s KERNEL=%s RAMDISK=%s",
+            sha1,
+            machine_id,
+            kernel_id,
+            ramdisk_id,
+        )
+        return answer
+
+    def _alive(self, image_ids: list[str]) -> bool:
+        """One DescribeImages: do all these images still exist (and have not failed)?"""
+        found = self.cloud.describe(image_ids)
+        return all(
+            i in found and found[i].state not in ("deregistered", "failed", "error")
+            for i in image_ids
+        )
+
+    # --- imgstore ---
+
+    def _add(self, sha1: str, url: str, what: str, trusted: bool) -> imgstore.BlobInfo:
+        try:
+            return imgstore.add(self.settings.cache_dir, sha1, [url], trusted=trusted)
+        except BadUrl as exc:
+            raise InvalidURL(f"{what} URL {url} cannot be used: {exc}") from exc
+        except OriginError as exc:
+            raise FetchError(f"cannot fetch {what} at {url}: {exc}") from exc
+        except StoreError as exc:
+            raise FetchError(f"imgstore cannot take {what} at {url}: {exc}") from exc
+
+    def _read_error(self, sha1: str, url: str, what: str) -> Callable[[OSError], RegistrarError]:
+        def translate(exc: OSError) -> RegistrarError:
+            try:
+                blob = imgstore.info(self.settings.cache_dir, sha1)
+            except StoreError:
+                blob = None
+            reason = getattr(blob, "error", None) or ""  # imgstore's verdict, when it gives one
+            if blob is not None and blob.state == "corrupt":
+                computed = _SHA1_IN_TEXT.search(reason)
+                got = f"computed signature {computed.group(0)}" if computed else "its content"
+                return SignatureMismatch(
+                    f"signature {sha1} does not match {got} for {what} at {url}"
+                )
+            detail = f" ({reason})" if reason else ""
+            return FetchError(
+                f"cannot read {what} at {url} through imgstore: {exc.strerror or exc}{detail}"
+            )
+
+        return translate
+
+    @contextmanager
+    def _open_blob(self, sha1: str, url: str, what: str) -> Iterator[io.BufferedReader]:
+        path = self.settings.mountpoint / "by-sha1" / sha1
+        raw = _MountFile(path, self._read_error(sha1, url, what))
+        with io.BufferedReader(raw, buffer_size=_READ_BUFFER) as source:
+            yield source
+
+    def _read_metadata(self, url: str, sha1: str, trusted: bool) -> ImageSet:
+        blob = self._add(sha1, url, "metadata", trusted)
+        if blob.size > MAX_METADATA_BYTES:
+            raise RequestTooLarge(
+                f"metadata at {url} is {blob.size} bytes; the limit is {MAX_METADATA_BYTES} bytes"
+            )
+        with self._open_blob(sha1, url, "metadata") as source:
+            data = source.read()
+        return parse_metadata(data, url)
+
+    # --- one part ---
+
+    def _new_owner(self) -> str:
+        with self._jobs_lock:
+            self._jobs += 1
+            return f"{self._owner_prefix}{self._jobs}"
+
+    def _part(
+        self,
+        part: Part | None,
+        kind: str,
+        kernel_id: str,
+        ramdisk_id: str,
+        trusted: bool,
+        progress: Progress | None,
+    ) -> str:
+        if part is None:
+            return ""
+        key = image_key(kind, part.sha1, kernel_id, ramdisk_id)
+        return self._flights.run(
+            key, lambda: self._part_once(key, part, kind, kernel_id, ramdisk_id, trusted, progress)
+        )
+
+    def _part_once(
+        self,
+        key: str,
+        part: Part,
+        kind: str,
+        kernel_id: str,
+        ramdisk_id: str,
+        trusted: bool,
+        progress: Progress | None,
+    ) -> str:
+        owner = self._claim(key)
+        if owner is None:
+            image = self.registry.image(key)
+            assert image is not None
+            return image.image_id
+        try:
+            return self._build(key, part, kind, kernel_id, ramdisk_id, owner, trusted, progress)
+        except BaseException:
+            job = self.registry.job(key)
+            if job is not None and job.owner == owner and job.owner_alive():
+                self.registry.release(key, owner)
+            raise
+
+    def _claim(self, key: str) -> str | None:
+        """Claim `key` for a new owner and return it; None if the image is already registered."""
+        deadline = time.monotonic() + self.settings.claim_wait
+        while True:
+            existing = self.registry.image(key)
+            if existing is not None:
+                if self._alive([existing.image_id]):
+                    return None
+                log.warning("%s: image %s is gone from the cloud; redoing", key, existing.image_id)
+                self._discard(existing)
+            owner = self._new_owner()
+            try:
+                stale = self.registry.claim(key, owner)
+                if stale is not None:
+                    log.warning("%s: cleaning up after %s, which died mid-job", key, stale.owner)
+                    self._clean_job(stale)
+                    self.registry.take_over(stale, owner)
+            except Claimed as claimed:
+                if time.monotonic() > deadline:
+                    raise FetchError(
+                        f"gave up waiting for {claimed.job.owner} to finish registering {key}"
+                    ) from None
+                time.sleep(self.settings.claim_poll)
+                continue
+            if self.registry.image(key) is not None:
+                # Another process finished it between our look and our claim.
+                self.registry.release(key, owner)
+                continue
+            return owner
+
+    def _build(
+        self,
+        key: str,
+        part: Part,
+        kind: str,
+        kernel_id: str,
+        ramdisk_id: str,
+        owner: str,
+        trusted: bool,
+        progress: Progress | None,
+    ) -> str:
+        what = f"{part.type} image"
+        blob = self._add(part.sha1, part.url, what, trusted)
+        imgstore.pin(self.settings.cache_dir, part.sha1, owner)
+        try:
+            folder = names.unique_name(_label(part.url, kind), part.sha1)
+            self.registry.record_bundle(key, self.cloud.bucket, folder)
+            upload: BundleUpload | None = None
+            image_id: str | None = None
+            try:
+                upload = self.cloud.start_upload(folder)
+                report = None
+                if progress is not None:
+                    done = [0]
+
+                    def report(n: int) -> None:
+                        done[0] += n
+                        progress(f"{part.type} {part.sha1[:12]}", done[0], blob.size)
+
+                with self._open_blob(part.sha1, part.url, what) as source:
+                    manifest = bundle_image(
+                        source,
+                        name=folder,
+                        prefix=folder,
+                        image_type=kind,
+                        arch=self.settings.arch,
+                        expected_sha1=part.sha1,
+                        keys=self.keys,
+                        account_id=self.account_id,
+                        part_sink=upload.put_part,
+                        kernel_id=kernel_id or None,
+                        ramdisk_id=ramdisk_id or None,
+                        # A filesystem may come compressed (ZFILESYSTEM, or a gzipped FILESYSTEM);
+                        # kernels and ramdisks are registered byte for byte.
+                        decompress=kind == "machine",
+                        compression_level=self.settings.compression_level,
+                        progress=report,
+                    )
+                location = upload.finish(manifest)
+                image_id = self.cloud.register(
+                    location,
+                    name=folder,
+                    arch=self.settings.arch,
+                    kernel_id=kernel_id or None,
+                    ramdisk_id=ramdisk_id or None,
+                )
+                self.registry.record_image_id(key, image_id)
+                self.cloud.wait_available(image_id)
+            except BaseException:
+                self._undo(key, owner, folder, upload, image_id)
+                raise
+            self.registry.finish(
+                key, Image(key, kind, part.sha1, image_id, self.cloud.bucket, folder)
+            )
+            log.info("%s: registered %s as %s", key, part.url, image_id)
+            return image_id
+        finally:
+            imgstore.unpin(self.settings.cache_dir, part.sha1, owner)
+
+    # --- cleanup ---
+
+    def _undo(
+        self,
+        key: str,
+        owner: str,
+        folder: str,
+        upload: BundleUpload | None,
+        image_id: str | None,
+    ) -> None:
+        """Remove what a failed job put in the cloud; if that fails, leave the job for recovery."""
+        try:
+            if upload is not None:
+                upload.abort()
+            self.cloud.cleanup(folder, image_id)
+        except CloudError as exc:
+            log.error(
+                "%s: cleanup of %s failed (%s); will retry at the next claim", key, folder, exc
+            )
+            self.registry.abandon(key, owner)
+            return
+        log.info("%s: cleaned up bundle %s%s", key, folder, f" and {image_id}" if image_id else "")
+
+    def _clean_job(self, job: Job) -> None:
+        """Delete what an abandoned job may have put in the cloud, and drop its pins."""
+        if job.prefix and job.bucket == self.cloud.bucket:
+            self.cloud.cleanup(job.prefix, job.image_id)
+        elif job.image_id:
+            self.cloud.deregister(job.image_id)
+        if job.prefix and job.bucket and job.bucket != self.cloud.bucket:
+            log.warning(
+                "%s: bundle %s/%s is in another bucket; left alone", job.key, job.bucket, job.prefix
+            )
+        imgstore.unpin_owner_prefix(self.settings.cache_dir, owner_process(job.owner))
+
+    def _discard(self, image: Image) -> None:
+        """Forget an image the cloud no longer has, deleting its leftover bundle."""
+        if image.bucket == self.cloud.bucket:
+            self.cloud.cleanup(image.prefix)
+        self.registry.forget_image(image.key)
+
+    def recover(self) -> int:
+        """Clean up after registrar processes that died: their jobs and their pins.
+
+        Returns how many abandoned jobs were cleaned up. Call once at startup.
+        """
+        cleaned = 0
+        for job in self.registry.abandoned_jobs():
+            log.warning(
+                "cleaning up %s left by %s (bundle %s, image %s)",
+                job.key,
+                job.owner,
+                job.prefix or "-",
+                job.image_id or "-",
+            )
+            self._clean_job(job)
+            self.registry.release(job.key, job.owner)
+            cleaned += 1
+        dead: set[str] = set()
+        for blob in imgstore.list_blobs(self.settings.cache_dir):
+            for pin in blob.pins:
+                if pin.startswith(OWNER_PREFIX) and not _owner_alive(pin):
+                    dead.add(owner_process(pin))
+        for prefix in sorted(dead):
+            dropped = imgstore.unpin_owner_prefix(self.settings.cache_dir, prefix)
+            log.info("dropped %d pins of dead registrar %s", dropped, prefix)
+        return cleaned
+
+
+def _owner_alive(owner: str) -> bool:
+    """Whether the registrar process named in an owner string still runs."""
+    parts = owner.split(":")
+    if len(parts) < 4 or not parts[1].isdigit():
+        return True  # not ours to judge
+    return process_start(int(parts[1])) == parts[2]
