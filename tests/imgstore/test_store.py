@@ -1,0 +1,168 @@
+"""The Store and fs.Operations driven directly (no kernel), against real HTTP origins."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import socket
+from pathlib import Path
+
+import pyfuse3
+import pytest
+import trio
+
+from imgstore import client
+from imgstore.config import StoreConfig
+from imgstore.errors import BlobCorrupt, OriginError
+from imgstore.fs import BLOB_BASE, BY_SHA1, Operations
+from imgstore.store import open_store
+from tests.imgstore.plainhttp import no_range_origin
+
+MiB = 1024 * 1024
+CHUNK = 1 * MiB
+
+
+def config(cache: Path, **kw) -> StoreConfig:
+    kw.setdefault("chunk_size", CHUNK)
+    kw.setdefault("min_free", 0)
+    return StoreConfig(cache_dir=cache, **kw)
+
+
+async def read_all(store, sha1: str, piece: int = 128 * 1024) -> bytes:
+    handle = await store.open(sha1)
+    try:
+        out = bytearray()
+        while chunk := await store.read(handle, len(out), piece):
+            out += chunk
+        return bytes(out)
+    finally:
+        await store.release(handle)
+
+
+@pytest.mark.trio
+async def test_concurrent_handles_fetch_each_chunk_once(tmp_path, origin):
+    data = os.urandom(6 * MiB + 5)
+    sha1 = hashlib.sha1(data).hexdigest()
+    client.add(tmp_path, sha1, [origin.put("a.bin", data)], chunk_size=CHUNK)
+    origin.reset_counts()
+    results = []
+    async with open_store(config(tmp_path)) as store:
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(lambda: _append(results, read_all(store, sha1)))
+    assert results == [data] * 8
+    assert origin.bytes_sent("a.bin") == len(data)
+    assert client.info(tmp_path, sha1).state == "verified"
+
+
+async def _append(results: list, coro) -> None:
+    results.append(await coro)
+
+
+@pytest.mark.trio
+async def test_the_last_missing_piece_waits_for_the_verdict(tmp_path, origin):
+    good = os.urandom(3 * MiB)
+    bad = bytearray(good)
+    bad[10] ^= 1
+    sha1 = hashlib.sha1(good).hexdigest()
+    client.add(tmp_path, sha1, [origin.put("bad.bin", bytes(bad))], chunk_size=CHUNK)
+    async with open_store(config(tmp_path, readahead_max=CHUNK)) as store:
+        handle = await store.open(sha1)
+        # Everything but the first 4 KiB: served (the verdict is not needed yet) ...
+        assert await store.read(handle, 4096, len(bad)) == bytes(bad[4096:])
+        # ... and the read that would complete the handle's view fails.
+        with pytest.raises(BlobCorrupt):
+            await store.read(handle, 0, 4096)
+        with pytest.raises(BlobCorrupt):
+            await store.read(handle, 2 * MiB, 10)
+        await store.release(handle)
+    assert client.info(tmp_path, sha1).state == "corrupt"
+    assert client.info(tmp_path, sha1).cached_bytes == 0
+
+
+@pytest.mark.trio
+async def test_origin_ignoring_range_is_streamed_once(tmp_path):
+    data = os.urandom(5 * MiB + 3)
+    sha1 = hashlib.sha1(data).hexdigest()
+    with no_range_origin(tmp_path / "www") as server:
+        (server.root / "a.bin").write_bytes(data)
+        client.add(tmp_path / "cache", sha1, [server.url("a.bin")], chunk_size=CHUNK)
+        assert client.info(tmp_path / "cache", sha1).size == len(data)
+        server.requests = server.bytes_sent = 0
+        async with open_store(config(tmp_path / "cache")) as store:
+            async with trio.open_nursery() as nursery:
+                results: list[bytes] = []
+                for _ in range(3):
+                    nursery.start_soon(lambda: _append(results, read_all(store, sha1)))
+        assert results == [data] * 3
+        assert server.requests == 1
+        assert server.bytes_sent == len(data)
+
+
+@pytest.mark.trio
+async def test_a_dead_first_mirror_falls_through_to_the_second(tmp_path, origin, origin_factory):
+    data = os.urandom(2 * MiB)
+    sha1 = hashlib.sha1(data).hexdigest()
+    mirror = origin_factory()
+    client.add(tmp_path, sha1, [origin.put("a.bin", data), mirror.put("a.bin", data)])
+    origin.remove("a.bin")
+    mirror.reset_counts()
+    async with open_store(config(tmp_path)) as store:
+        assert await read_all(store, sha1) == data
+    assert mirror.bytes_sent("a.bin") == len(data)
+
+
+@pytest.mark.trio
+async def test_a_silent_origin_fails_within_the_read_deadline(tmp_path, origin):
+    data = os.urandom(MiB)
+    sha1 = hashlib.sha1(data).hexdigest()
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # accepts connections, never answers
+        port = silent.getsockname()[1]
+        client.add(tmp_path, sha1, [origin.put("a.bin", data)])
+        # Point the blob at the silent server behind the catalog's back.
+        from imgstore.catalog import Catalog
+
+        cat = Catalog(tmp_path)
+        cat._db.execute("UPDATE urls SET url=? WHERE sha1=?", (f"http://127.0.0.1:{port}/a", sha1))
+        cat.close()
+        with trio.fail_after(30):  # a hang would be the bug
+            async with open_store(config(tmp_path, read_deadline=1.0)) as store:
+                handle = await store.open(sha1)
+                with pytest.raises(OriginError):
+                    await store.read(handle, 0, 4096)
+                await store.release(handle)
+
+
+@pytest.mark.trio
+async def test_operations_without_a_kernel(tmp_path, origin):
+    data = os.urandom(MiB + 1)
+    sha1 = hashlib.sha1(data).hexdigest()
+    url = origin.put("a.bin", data)
+    info = client.add(tmp_path, sha1, [url])
+    ctx = None
+    async with open_store(config(tmp_path)) as store:
+        ops = Operations(store)
+        attr = await ops.lookup(BY_SHA1, sha1.encode(), ctx)
+        assert attr.st_size == len(data) and attr.st_ino >= BLOB_BASE
+        assert (await ops.getattr(attr.st_ino, ctx)).st_mode & 0o777 == 0o444
+        for name in (sha1.upper().encode(), b"nope", b"0" * 40):
+            with pytest.raises(pyfuse3.FUSEError) as exc:
+                await ops.lookup(BY_SHA1, name, ctx)
+            assert exc.value.errno == errno.ENOENT
+        assert await ops.getxattr(attr.st_ino, b"user.imgstore.url", ctx) == url.encode()
+        assert await ops.getxattr(attr.st_ino, b"user.imgstore.state", ctx) == b"remote"
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await ops.open(attr.st_ino, os.O_RDWR, ctx)
+        assert exc.value.errno == errno.EROFS
+        fi = await ops.open(attr.st_ino, os.O_RDONLY, ctx)
+        assert fi.direct_io and not fi.keep_cache
+        assert await ops.read(fi.fh, 0, len(data) + 100) == data
+        assert await ops.getxattr(attr.st_ino, b"user.imgstore.state", ctx) == b"verified"
+        await ops.release(fi.fh)
+        fi = await ops.open(attr.st_ino, os.O_RDONLY, ctx)
+        assert fi.keep_cache and not fi.direct_io
+        await ops.release(fi.fh)
+    assert info.state == "remote"
