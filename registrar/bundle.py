@@ -243,6 +243,11 @@ class _HashingReader:
             self._progress(len(data))
         return data
 
+    def readinto(self, buffer: memoryview) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
     def readable(self) -> bool:
         return True
 
