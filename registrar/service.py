@@ -103,6 +103,7 @@ class _Flight:
         self.done = threading.Event()
         self.result: Any = None
         self.error: BaseException | None = None
+        self.followers = 0  # callers waiting for this flight (guarded by _Flights._lock)
 
 
 class _Flights:
@@ -112,12 +113,20 @@ class _Flights:
         self._lock = threading.Lock()  # guards _flights only; never held while working
         self._flights: dict[object, _Flight] = {}
 
+    def followers(self, key: object) -> int:
+        """How many callers wait for the flight of `key` (0 if none is in flight)."""
+        with self._lock:
+            flight = self._flights.get(key)
+            return flight.followers if flight is not None else 0
+
     def run(self, key: object, work: Callable[[], T]) -> T:
         with self._lock:
             flight = self._flights.get(key)
             leader = flight is None
             if flight is None:
                 flight = self._flights[key] = _Flight()
+            else:
+                flight.followers += 1
         if not leader:
             flight.done.wait()
             if flight.error is not None:
@@ -302,7 +311,11 @@ class Service:
             reason = getattr(blob, "error", None) or ""  # imgstore's verdict, when it gives one
             if blob is not None and blob.state == "corrupt":
                 computed = _SHA1_IN_TEXT.search(reason)
-                got = f"computed signature {computed.group(0)}" if computed else "its content"
+                got = (
+                    f"computed signature {computed.group(0)}"
+                    if computed
+                    else "the SHA-1 of the bytes downloaded"
+                )
                 return SignatureMismatch(
                     f"signature {sha1} does not match {got} for {what} at {url}"
                 )
