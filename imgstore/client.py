@@ -96,6 +96,12 @@ def add(
     records = [Url(u, trusted, probes[u].etag if u in probes else None) for u in checked]
     catalog = Catalog(Path(cache_dir))
     try:
+        known = catalog.find(sha1)
+        if known is not None and known.state != "corrupt" and known.size != first.size:
+            # Content addressing fixes the size: a URL that disagrees serves something else.
+            raise OriginError(
+                f"{checked[0]} has {first.size} bytes, but blob {sha1} has {known.size}"
+            )
         rec, reset = catalog.upsert(sha1, first.size, first.etag, first.ranges, records, chunk_size)
         if reset:
             try:

@@ -57,6 +57,7 @@ class Blob:
         if rec.state in ("verified", "corrupt"):
             self.verdict.set()
         self.opens = 0
+        self.closed = False
 
     @property
     def cached_bytes(self) -> int:
@@ -140,6 +141,12 @@ class Store:
         """Open a blob for reading (UnknownBlob if it is not in the catalog)."""
         async with self._open_lock:  # one loader per blob: never two DataFiles for one sha1
             blob = self.blobs.get(sha1)
+            if blob is not None and blob.state == "corrupt":
+                # Re-added since it failed? Then new opens get the fresh blob; handles on the
+                # corrupt one keep failing until closed.
+                rec = await self._db(self.catalog.get, sha1)
+                if rec.generation != blob.generation:
+                    blob = None
             if blob is None:
                 blob = await self._load(sha1)
                 self.blobs[sha1] = blob
@@ -171,9 +178,12 @@ class Store:
         """Close the data file once nothing uses the blob, so eviction may take it."""
         if blob.opens or blob.inflight or blob.hash_lock.locked() or blob.whole is not None:
             return
+        if blob.closed:
+            return
+        blob.closed = True
         if self.blobs.get(blob.sha1) is blob:
             del self.blobs[blob.sha1]
-            await self._io(blob.data.close)
+        await self._io(blob.data.close)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -361,7 +371,7 @@ class Store:
         check and the release happen with no await between them, so a chunk that lands while
         the lock is held is always seen by the holder: a caller finding the lock held may leave.
         """
-        if blob.verdict.is_set():
+        if blob.verdict.is_set() or blob.closed:  # closed: its fd may already be reused
             return
         try:
             blob.hash_lock.acquire_nowait()
