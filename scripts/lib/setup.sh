@@ -10,6 +10,7 @@ SYSTEM_PACKAGES=(
     bzip2 xz-utils ncompress        # compressed ZFILESYSTEM variants
     systemd                         # systemd-analyze verify of our units
     rclone httpdirfs                # competitors measured by benchmarks/bench_read.py
+    openssl                         # the euca2ools pipeline measured by benchmarks/bench_bundle.py
 )
 
 ensure_system_packages() {
