@@ -294,6 +294,13 @@ class Service:
 
     def _add(self, sha1: str, url: str, what: str, trusted: bool) -> imgstore.BlobInfo:
         try:
+            known = imgstore.info(self.settings.cache_dir, sha1)
+        except StoreError:
+            known = None
+        if known is not None and known.state != "corrupt" and url in known.urls:
+            # Already declared with this URL: no probe, so a warm cache works without the origin.
+            return known
+        try:
             return imgstore.add(self.settings.cache_dir, sha1, [url], trusted=trusted)
         except BadUrl as exc:
             raise InvalidURL(f"{what} URL {url} cannot be used: {exc}") from exc
