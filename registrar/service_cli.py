@@ -275,48 +275,77 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _print_tables(registry: Registry) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    answers = Table(title="Answers (metadata SHA-1 → ids)", title_justify="left")
-    for column in ("metadata sha1", "FILESYSTEM", "KERNEL", "RAMDISK", "updated", "url"):
-        answers.add_column(column, overflow="fold")
-    for a in registry.answers():
-        answers.add_row(
-            a.metadata_sha1,
-            a.filesystem,
-            a.kernel or "-",
-            a.ramdisk or "-",
-            _when(a.updated),
-            a.url,
-        )
-    console.print(answers)
-
-    images = Table(title="Images (part SHA-1 → id)", title_justify="left")
-    for column in ("kind", "part sha1", "image id", "bundle", "registered"):
-        images.add_column(column, overflow="fold")
-    for i in registry.images():
-        images.add_row(i.kind, i.sha1, i.image_id, f"{i.bucket}/{i.prefix}", _when(i.created))
-    console.print(images)
-
+def _tables(registry: Registry) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The registry as (title, header, rows) tables."""
+    tables = [
+        (
+            "Answers (metadata SHA-1 → ids)",
+            ["metadata sha1", "FILESYSTEM", "KERNEL", "RAMDISK", "updated", "url"],
+            [
+                [
+                    a.metadata_sha1,
+                    a.filesystem,
+                    a.kernel or "-",
+                    a.ramdisk or "-",
+                    _when(a.updated),
+                    a.url,
+                ]
+                for a in registry.answers()
+            ],
+        ),
+        (
+            "Images (part SHA-1 → id)",
+            ["kind", "part sha1", "image id", "bundle", "registered"],
+            [
+                [i.kind, i.sha1, i.image_id, f"{i.bucket}/{i.prefix}", _when(i.created)]
+                for i in registry.images()
+            ],
+        ),
+    ]
     jobs = registry.jobs()
     if jobs:
-        table = Table(title="In flight", title_justify="left")
-        for column in ("key", "owner", "state", "bundle", "image id", "for"):
-            table.add_column(column, overflow="fold")
         now = time.time()
-        for j in jobs:
-            table.add_row(
-                j.key,
-                j.owner,
-                "running" if j.owner_alive() else "abandoned (cleaned at next run)",
-                f"{j.bucket}/{j.prefix}" if j.prefix else "-",
-                j.image_id or "-",
-                f"{now - j.started:.0f} s",
+        tables.append(
+            (
+                "In flight",
+                ["key", "owner", "state", "bundle", "image id", "for"],
+                [
+                    [
+                        j.key,
+                        j.owner,
+                        "running" if j.owner_alive() else "abandoned (cleaned up at next start)",
+                        f"{j.bucket}/{j.prefix}" if j.prefix else "-",
+                        j.image_id or "-",
+                        f"{now - j.started:.0f} s",
+                    ]
+                    for j in jobs
+                ],
             )
-        console.print(table)
+        )
+    return tables
+
+
+def _print_tables(registry: Registry) -> None:
+    tables = _tables(registry)
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        console = Console()
+        for title, header, rows in tables:
+            table = Table(title=title, title_justify="left")
+            for column in header:
+                table.add_column(column, overflow="fold")
+            for row in rows:
+                table.add_row(*row)
+            console.print(table)
+        return
+    # Not a terminal: plain aligned columns that never fold, for grep and scripts.
+    for number, (title, header, rows) in enumerate(tables):
+        print(("\n" if number else "") + title)
+        widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+        for row in [header, *rows]:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 def main(argv: list[str] | None = None) -> int:

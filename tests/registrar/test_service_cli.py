@@ -1,0 +1,74 @@
+"""`registrar register`, `registrar list` and `registrar serve` from the shell, against the real
+mount, nginx and the moto cloud. Run as `python -m registrar.service_cli` (the same functions
+`registrar` dispatches to)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from tests.registrar import e2e_stack
+from tests.registrar.e2e_stack import REGISTRAR, Stack
+from tests.registrar.soap_javaprops import loads
+from tests.support.images import ImageFactory
+from tests.support.origin import Origin
+
+stack, stack_factory = e2e_stack.stack, e2e_stack.stack_factory  # fixtures
+
+
+def _run(*args: str, config: Path | None = None) -> subprocess.CompletedProcess[str]:
+    extra = ["--config", str(config)] if config else []
+    return subprocess.run(
+        [*REGISTRAR, args[0], *extra, *args[1:]],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_register_prints_the_same_answer_and_list_shows_it(
+    stack: Stack, origin: Origin, image_factory: ImageFactory
+) -> None:
+    images = image_factory.publish(origin, size_mib=16, fs_format="raw")
+    done = _run("register", images.metadata_url, images.metadata_sha1, config=stack.config)
+    assert done.returncode == 0, done.stderr
+    answer = loads(done.stdout)
+    assert done.stdout == (
+        f"FILESYSTEM={answer['FILESYSTEM']}\nKERNEL={answer['KERNEL']}\n"
+        f"RAMDISK={answer['RAMDISK']}\n"
+    )
+    assert sorted(stack.cloud.image_ids()) == sorted(answer.values())
+
+    # The SOAP service answers the same from the registry the CLI filled.
+    service = stack.zeep(stack.start())
+    text = service.RegisterImage(url=images.metadata_url, signature=images.metadata_sha1)
+    assert text == done.stdout
+    assert len(stack.cloud.calls_of("RegisterImage")) == 3
+
+    listed = _run("list", config=stack.config)
+    assert listed.returncode == 0, listed.stderr
+    for image_id in answer.values():
+        assert image_id in listed.stdout
+    assert images.metadata_sha1 in listed.stdout
+    assert "machine" in listed.stdout and "kernel" in listed.stdout
+
+
+def test_cli_errors_are_one_line_with_documented_exit_codes(
+    stack: Stack, origin: Origin, tmp_path: Path
+) -> None:
+    bad = _run("register", "http://127.0.0.1:9/m.xml", "xyz", config=stack.config)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "registrar register: metadata signature 'xyz' is not a SHA-1 (40 hexadecimal digits)"
+    ]
+    missing = _run("register", origin.url("nothing.xml"), "a" * 40, config=stack.config)
+    assert missing.returncode == 1
+    last = missing.stderr.strip().splitlines()[-1]
+    assert last.startswith("registrar register: cannot fetch metadata at ")
+    assert "Traceback" not in missing.stderr
+
+    no_config = _run("serve", config=tmp_path / "absent.toml")
+    assert no_config.returncode == 2
+    assert no_config.stderr.strip().splitlines()[-1].endswith("does not exist")
+    assert _run("list", "--state-dir", str(tmp_path / "empty")).returncode == 2
