@@ -13,7 +13,8 @@ proxy of ours in front of moto:
 
 - `cloud.ec2_calls`: every EC2 request as a dict of its query parameters, in arrival order
   (to prove what was registered with which KernelId/RamdiskId, and in which order);
-- `cloud.s3_requests`: every S3 request as (method, path, x-amz-acl header);
+- `cloud.s3_requests`: every S3 request as (method, path, x-amz-acl header), and
+  `cloud.s3_auth_schemes` the scheme of each one's Authorization header;
 - `cloud.refuse("RegisterImage", code, message)`: answer that action with an EC2 error, the
   way Eucalyptus refuses an invalid manifest or parameter;
 - `cloud.hold_pending = True`: DescribeImages reports `pending` instead of `available`, the
@@ -166,6 +167,7 @@ class RecordingProxy:
         self.upstream_port = upstream_port
         self.calls: list[dict[str, str]] = []
         self.s3_requests: list[tuple[str, str, str | None]] = []
+        self.s3_auth_schemes: list[str] = []
         self.refusals: dict[str, tuple[int, str, str]] = {}
         self.hold_pending = False
         self._lock = threading.Lock()
@@ -212,6 +214,7 @@ class RecordingProxy:
         with self._lock:
             self.calls.clear()
             self.s3_requests.clear()
+            self.s3_auth_schemes.clear()
             self.refusals.clear()
             self.hold_pending = False
 
@@ -230,6 +233,8 @@ class RecordingProxy:
             else:
                 path = urllib.parse.urlsplit(handler.path).path
                 self.s3_requests.append((handler.command, path, handler.headers.get("x-amz-acl")))
+                auth = handler.headers.get("Authorization", "")
+                self.s3_auth_schemes.append(auth.split(" ", 1)[0])
             refusal = self.refusals.get(action) if action else None
             hold = self.hold_pending
         if refusal is not None:
@@ -332,6 +337,12 @@ class StandInCloud:
     def s3_requests(self) -> list[tuple[str, str, str | None]]:
         with self._server.proxy._lock:
             return list(self._server.proxy.s3_requests)
+
+    @property
+    def s3_auth_schemes(self) -> list[str]:
+        """The Authorization scheme of each S3 request: "AWS" (SigV2) or "AWS4-HMAC-SHA256"."""
+        with self._server.proxy._lock:
+            return list(self._server.proxy.s3_auth_schemes)
 
     def calls_of(self, action: str) -> list[dict[str, str]]:
         """The recorded EC2 requests of one action, in order."""
