@@ -319,3 +319,42 @@ def test_call_outlasting_a_minute_is_answered() -> None:
     with running_server(slow_job) as srv:
         service = _zeep(SOAP11_BINDING, srv.endpoint, timeout=200)
         assert service.RegisterImage(url="http://o/m", signature=SIG) == ANSWER
+
+
+def test_client_that_hangs_up_mid_call_does_not_disturb_the_server(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="registrar.server")
+    started, release, done = threading.Event(), threading.Event(), threading.Event()
+    finished: list[str] = []
+
+    def job(url: str, signature: str) -> str:
+        started.set()
+        assert release.wait(60)
+        finished.append(url)
+        done.set()
+        return ANSWER
+
+    with running_server(job) as srv:
+        body = axis2_envelope(SoapVersion.SOAP11, "http://o/gone", SIG)
+        with socket.create_connection((srv.host, srv.port), timeout=30) as sock:
+            sock.sendall(
+                b"POST /axis2/services/IMAGEPROXY HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: text/xml\r\nContent-Length: "
+                + str(len(body)).encode()
+                + b"\r\n\r\n"
+                + body
+            )
+            assert started.wait(30)
+        # The caller is gone; the work finishes anyway (another caller may be waiting on it).
+        release.set()
+        assert done.wait(30)
+        assert finished == ["http://o/gone"]
+        status, reply = _request(
+            srv,
+            "POST",
+            "/axis2/services/IMAGEPROXY",
+            axis2_envelope(SoapVersion.SOAP11, "http://o/next", SIG),
+            axis2_headers(SoapVersion.SOAP11),
+        )
+        assert status == 200 and b"emi-11111111" in reply
