@@ -121,7 +121,7 @@ def install_image(
 
 def _clean_up(cloud: Cloud, upload: object, image_id: str | None, cause: BaseException) -> None:
     """Undo a failed install; a cleanup failure is logged and noted, never masks the cause."""
-    log.warning("install failed (%s): deregistering and deleting what was uploaded", cause)
+    log.info("install failed (%s): deregistering and deleting what was uploaded", cause)
     try:
         if image_id:
             cloud.deregister(image_id)
