@@ -53,7 +53,12 @@ class DataFile:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = directory / sha1
         self.size = size
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            self.created = False
+        except FileNotFoundError:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self.created = True  # any chunk the catalog remembers is gone
         try:
             # Blocking is brief: the exclusive holder only truncates the file.
             fcntl.flock(self.fd, fcntl.LOCK_SH)

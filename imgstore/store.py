@@ -167,6 +167,10 @@ class Store:
         # Re-read under the shared lock: an eviction in another process may have just finished.
         rec = await self._db(self.catalog.get, sha1)
         present = await self._db(self.catalog.chunks, sha1)
+        if data.created and present:
+            log.warning("blob %s: its cache file was deleted; fetching it again", sha1)
+            rec = await self._db(self.catalog.reset, sha1)
+            present = {}
         return Blob(rec, data, present, self.cfg.max_requests)
 
     async def release(self, handle: Handle) -> None:

@@ -69,11 +69,11 @@ async def test_the_last_missing_piece_waits_for_the_verdict(tmp_path, origin):
     client.add(tmp_path, sha1, [origin.put("bad.bin", bytes(bad))], chunk_size=CHUNK)
     async with open_store(config(tmp_path, readahead_max=CHUNK)) as store:
         handle = await store.open(sha1)
-        # Everything but the first 4 KiB: served (the verdict is not needed yet) ...
-        assert await store.read(handle, 4096, len(bad)) == bytes(bad[4096:])
-        # ... and the read that would complete the handle's view fails.
+        # All but chunk 0: served (hashing cannot even start without chunk 0) ...
+        assert await store.read(handle, CHUNK, len(bad)) == bytes(bad[CHUNK:])
+        # ... and the read that completes the handle's view fails.
         with pytest.raises(BlobCorrupt):
-            await store.read(handle, 0, 4096)
+            await store.read(handle, 0, CHUNK)
         with pytest.raises(BlobCorrupt):
             await store.read(handle, 2 * MiB, 10)
         await store.release(handle)
@@ -166,3 +166,17 @@ async def test_operations_without_a_kernel(tmp_path, origin):
         assert fi.keep_cache and not fi.direct_io
         await ops.release(fi.fh)
     assert info.state == "remote"
+
+
+@pytest.mark.trio
+async def test_a_deleted_cache_file_is_fetched_again_not_served_as_zeros(tmp_path, origin):
+    data = os.urandom(2 * MiB)
+    sha1 = hashlib.sha1(data).hexdigest()
+    client.add(tmp_path, sha1, [origin.put("a.bin", data)])
+    async with open_store(config(tmp_path)) as store:
+        assert await read_all(store, sha1) == data
+    (tmp_path / "blobs" / sha1).unlink()
+    origin.reset_counts()
+    async with open_store(config(tmp_path)) as store:
+        assert await read_all(store, sha1) == data
+    assert origin.bytes_sent("a.bin") == len(data)
