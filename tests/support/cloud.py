@@ -18,7 +18,9 @@ proxy of ours in front of moto:
 - `cloud.refuse("RegisterImage", code, message)`: answer that action with an EC2 error, the
   way Eucalyptus refuses an invalid manifest or parameter;
 - `cloud.hold_pending = True`: DescribeImages reports `pending` instead of `available`, the
-  way a slow or stuck Eucalyptus does.
+  way a slow or stuck Eucalyptus does;
+- `cloud.expect_parallel_parts(n)`: part uploads wait until n are in flight at once (then
+  `cloud.parallel_parts_result` is "tripped"), or give up after a timeout ("broken").
 
 `cloud.s3` and `cloud.ec2` are boto3 clients for the tests' own checks, straight to moto
 (`cloud.endpoint_url`). Keys: `cloud.cloud_cert`/`cloud.cloud_key` stand for the
@@ -170,6 +172,9 @@ class RecordingProxy:
         self.s3_auth_schemes: list[str] = []
         self.refusals: dict[str, tuple[int, str, str]] = {}
         self.hold_pending = False
+        self.part_barrier: threading.Barrier | None = None
+        self.part_barrier_timeout = 30.0
+        self.part_barrier_result: str | None = None  # "tripped" or "broken"
         self._lock = threading.Lock()
         proxy = self
 
@@ -217,6 +222,8 @@ class RecordingProxy:
             self.s3_auth_schemes.clear()
             self.refusals.clear()
             self.hold_pending = False
+            self.part_barrier = None
+            self.part_barrier_result = None
 
     def _handle(self, handler: http.server.BaseHTTPRequestHandler) -> None:
         length = int(handler.headers.get("Content-Length") or 0)
@@ -246,6 +253,8 @@ class RecordingProxy:
             ).encode()
             self._reply(handler, status, {"Content-Type": "text/xml"}, xml)
             return
+        if handler.command == "PUT" and ".part." in handler.path:
+            self._wait_at_part_barrier()
         conn = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=60)
         try:
             headers = {k: v for k, v in handler.headers.items() if k.lower() != "connection"}
@@ -265,6 +274,22 @@ class RecordingProxy:
             self._reply(handler, response.status, out_headers, data, head=handler.command == "HEAD")
         finally:
             conn.close()
+
+    def _wait_at_part_barrier(self) -> None:
+        """Hold part uploads until `parties` of them are in flight at once (one-shot)."""
+        with self._lock:
+            barrier = self.part_barrier
+        if barrier is None:
+            return
+        try:
+            barrier.wait(timeout=self.part_barrier_timeout)
+            result = "tripped"
+        except threading.BrokenBarrierError:
+            result = "broken"
+        with self._lock:
+            if self.part_barrier is barrier:
+                self.part_barrier = None
+                self.part_barrier_result = result
 
     @staticmethod
     def _reply(
@@ -367,6 +392,23 @@ class StandInCloud:
     def hold_pending(self, value: bool) -> None:
         with self._server.proxy._lock:
             self._server.proxy.hold_pending = value
+
+    def expect_parallel_parts(self, parties: int, timeout: float = 30.0) -> None:
+        """Hold the next part uploads until `parties` are in flight together, or `timeout`.
+
+        Afterwards `parallel_parts_result` is "tripped" (that many were in flight at once) or
+        "broken" (never that many: the uploads went on after the timeout).
+        """
+        proxy = self._server.proxy
+        with proxy._lock:
+            proxy.part_barrier = threading.Barrier(parties)
+            proxy.part_barrier_timeout = timeout
+            proxy.part_barrier_result = None
+
+    @property
+    def parallel_parts_result(self) -> str | None:
+        with self._server.proxy._lock:
+            return self._server.proxy.part_barrier_result
 
     # --- S3 inspection ---
 
