@@ -655,7 +655,9 @@ class Demo:
         for name, value in axis2_headers(*host_port.rsplit(":", 1)):
             say(f"{name}: {value}")
         say("\n" + envelope(metadata_url, images.metadata_sha1).decode() + "\n")
+        counts = [(origin.requests(), count_uploads(moto.log))]
         first, first_s = register_image(endpoint, metadata_url, images.metadata_sha1, registrar.log)
+        counts.append((origin.requests(), count_uploads(moto.log)))
         ids = properties(first)
         say(f"answer after {first_s:.2f} s:")
         say(first.rstrip())
@@ -676,12 +678,11 @@ class Demo:
         show_command([str(BIN / "imgstore"), "ls", "--config", str(site.config)])
 
         section("9. The same request again: answered from the registry")
-        origin_before, uploads_before = origin.requests(), count_uploads(moto.log)
         second, second_s = register_image(
             endpoint, metadata_url, images.metadata_sha1, registrar.log
         )
-        origin_new = origin.requests() - origin_before
-        uploads_new = count_uploads(moto.log) - uploads_before
+        counts.append((origin.requests(), count_uploads(moto.log)))
+        (origin_0, s3_0), (origin_1, s3_1), (origin_2, s3_2) = counts
         say(f"answer after {second_s:.2f} s:")
         say(second.rstrip())
         if properties(second) != ids:
@@ -690,8 +691,10 @@ class Demo:
         if flagged not in registrar.log.read_text(errors="replace"):
             raise DemoError("the registrar did not answer from its registry", registrar.log)
         say(f"identical ids, answered from the registry (registrar log: '{flagged}')")
-        say(f"origin requests during the second call: {origin_new}; S3 uploads: {uploads_new}")
-        say(f"first call {first_s:.2f} s, second call {second_s:.2f} s")
+        say("                 first call  second call")
+        say(f"duration         {first_s:8.2f} s {second_s:9.2f} s")
+        say(f"origin requests  {origin_1 - origin_0:10d} {origin_2 - origin_1:11d}")
+        say(f"S3 PUT requests  {s3_1 - s3_0:10d} {s3_2 - s3_1:11d}")
         say()
         show_command([str(BIN / "registrar"), "list", "--config", str(site.config)])
 
