@@ -246,9 +246,12 @@ async def _progress(blob: Any) -> None:
 
     with Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn()) as bar:
         task = bar.add_task(blob.sha1[:12], total=blob.size)
-        while True:
-            bar.update(task, completed=blob.cached_bytes)
-            await trio.sleep(0.2)
+        try:
+            while True:
+                bar.update(task, completed=blob.cached_bytes)
+                await trio.sleep(0.2)
+        finally:
+            bar.update(task, completed=blob.cached_bytes)  # the final state, not the last tick
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -161,3 +161,27 @@ def test_every_subcommand_explains_itself():
         res = run(cmd, "--help")
         assert res.stdout.startswith(f"usage: imgstore {cmd}")
         assert "--config" in res.stdout
+
+
+def test_fetch_shows_a_progress_bar_on_a_terminal(cache, origin):
+    data = os.urandom(5 * MiB)
+    sha1 = hashlib.sha1(data).hexdigest()
+    run("add", "--cache-dir", cache, sha1, origin.put("a.bin", data))
+    cmd = " ".join([*IMGSTORE, "fetch", "--cache-dir", str(cache), sha1])
+    res = subprocess.run(
+        ["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stdout
+    assert f"{sha1} verified" in res.stdout
+    assert "100%" in res.stdout and "5.2 MB" in res.stdout  # rich's bar, decimal units
+
+
+def test_changed_origin_content_is_refused_not_mixed(cache, origin):
+    old = os.urandom(3 * MiB)
+    sha1 = hashlib.sha1(old).hexdigest()
+    run("add", "--cache-dir", cache, sha1, origin.put("a.bin", old))
+    origin.put("a.bin", os.urandom(3 * MiB))  # same size, new content, new ETag
+    res = run("fetch", "--cache-dir", cache, sha1, check=False)
+    assert res.returncode == 1
+    assert "ETag changed" in res.stderr
+    assert ls_json(cache)[sha1]["cached_bytes"] == 0

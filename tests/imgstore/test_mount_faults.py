@@ -6,11 +6,12 @@ import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 
 import pytest
 
-from tests.imgstore.helpers import MiB, ls_json, run, wait_for
+from tests.imgstore.helpers import MiB, ls_json, mount_cmd, run, wait_for
 
 CHUNK = 4 * MiB
 
@@ -166,3 +167,20 @@ def test_json_is_what_ls_prints(store, origin, image_factory):
             "last_used": data[0]["last_used"],
         }
     ]
+
+
+def test_foreground_mount_tells_systemd_it_is_ready(store, tmp_path):
+    address = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(address)
+        sock.settimeout(30)
+        m = store._mount(
+            mount_cmd(store.cache_dir, store.mountpoint),
+            store.mountpoint,
+            env={"NOTIFY_SOCKET": address},
+        )
+        assert sock.recv(4096) == b"READY=1"
+        assert os.listdir(store.mountpoint) == ["by-sha1"]
+        m.kill(signal.SIGTERM)
+        assert sock.recv(4096) == b"STOPPING=1"
+        assert m.wait() == 0

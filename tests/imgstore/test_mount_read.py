@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.imgstore.helpers import MiB, ls_json
+from tests.imgstore.helpers import MiB, ls_json, run, wait_for
 from tests.support.images import make_sparse_file, sha1_file
 
 CHUNK = 4 * MiB
@@ -73,6 +73,13 @@ def test_everyday_tools_work_on_the_mount(store, origin, image_factory, tmp_path
     assert exc.value.errno in (errno.EROFS, errno.EACCES)
     with pytest.raises(OSError):
         (store.mountpoint / "by-sha1" / "new").write_bytes(b"x")
+    mounts_line = next(
+        line
+        for line in Path("/proc/mounts").read_text().splitlines()
+        if str(store.mountpoint) in line
+    ).split()
+    assert mounts_line[0] == "imgstore"
+    assert "allow_other" not in mounts_line[3]
     assert "ro" in next(
         line
         for line in Path("/proc/mounts").read_text().splitlines()
@@ -127,6 +134,31 @@ def test_4k_at_random_offset_of_cold_256mib_blob_fetches_one_chunk(store, origin
     touched = len({offset // CHUNK, (offset + 4095) // CHUNK})
     assert 0 < sent <= touched * CHUNK
     assert ls_json(store.cache_dir)[sha1]["state"] == "partial"
+    table = run("ls", "--cache-dir", store.cache_dir).stdout
+    assert f"({100 * sent // size}%)" in table or f"({round(100 * sent / size)}%)" in table
+
+
+def test_sequential_reader_gets_a_growing_readahead(store, origin, image_factory):
+    blob = image_factory.blob(48 * MiB, seed=61)
+    sha1 = image_factory.sha1(blob)
+    store.add(sha1, origin.put("seq.bin", blob))
+    store.mount()
+    f = store.file(sha1)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        # Reading the first 8 MiB in order makes the daemon fetch well beyond them, without
+        # being asked: several chunks ahead, as separate ranged requests.
+        for off in range(0, 8 * MiB, 128 * 1024):
+            assert os.pread(fd, 128 * 1024, off) == blob.read_bytes()[off : off + 128 * 1024]
+        cached = lambda: int(os.getxattr(f, "user.imgstore.cached_bytes"))  # noqa: E731
+        wait_for(lambda: cached() >= 16 * MiB, what="readahead beyond the bytes read")
+    finally:
+        os.close(fd)
+    ranges = [e["range"] for e in origin.log("seq.bin") if e["range"] != "bytes=0-0"]
+    assert len(ranges) >= 4
+    assert all(r.startswith("bytes=") for r in ranges)
+    # Aligned chunks, so a slice-caching proxy can cache them.
+    assert all(int(r[6:].split("-")[0]) % CHUNK == 0 for r in ranges)
 
 
 def test_8_concurrent_readers_of_a_cold_blob_fetch_it_once(store, origin, image_factory):
