@@ -80,8 +80,8 @@ class Stack:
     mount: Mounted
     registrars: list[Registrar] = dataclasses.field(default_factory=list)
 
-    def start(self, deadline: float = 60.0) -> Registrar:
-        """Start `registrar serve` and wait until it answers /healthz."""
+    def start(self, deadline: float = 60.0, env: dict[str, str] | None = None) -> Registrar:
+        """Start `registrar serve` (`env` added to ours) and wait until it answers /healthz."""
         log_path = self.root / f"registrar-{len(self.registrars)}.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
@@ -90,6 +90,7 @@ class Stack:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                env={**os.environ, **(env or {})},
             )
         registrar = Registrar(proc, "", log_path)
         self.registrars.append(registrar)

@@ -4,6 +4,8 @@ mount, nginx and the moto cloud. Run as `python -m registrar.service_cli` (the s
 
 from __future__ import annotations
 
+import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -72,3 +74,17 @@ def test_cli_errors_are_one_line_with_documented_exit_codes(
     assert no_config.returncode == 2
     assert no_config.stderr.strip().splitlines()[-1].endswith("does not exist")
     assert _run("list", "--state-dir", str(tmp_path / "empty")).returncode == 2
+
+
+def test_serve_tells_systemd_it_is_ready_and_stops_cleanly_on_sigterm(
+    stack: Stack, tmp_path: Path
+) -> None:
+    address = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(address)
+        notify.settimeout(60)
+        registrar = stack.start(env={"NOTIFY_SOCKET": address})
+        assert notify.recv(64) == b"READY=1"
+        assert registrar.stop(signal.SIGTERM) == 0
+        assert notify.recv(64) == b"STOPPING=1"
+    assert "SIGTERM: stopping" in registrar.log_text()
