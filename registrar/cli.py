@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from registrar import config as registrar_config
+from registrar import service_cli
 from registrar.errors import (
     ConfigError,
     DecompressError,
@@ -44,10 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", metavar="FILE", help="TOML config file")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("serve", help="run the SOAP service")
-    sub.add_parser("register", help="register one image from its metadata URL and SHA-1")
+    service_cli.add_subcommands(sub)
     _add_install_image(sub)
-    sub.add_parser("list", help="show the registry")
     return parser
 
 
@@ -97,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "install-image":
         return _install_image(args)
-    print(f"registrar: {args.command}: not implemented yet", file=sys.stderr)
-    return EXIT_USAGE
+    return service_cli.run(args)
 
 
 def _error(message: str, code: int) -> int:
