@@ -174,8 +174,14 @@ class App:
     async def _call(self, request: soap.Request) -> tuple[soap.Reply, str]:
         what = f"RegisterImage({request.url}, {request.signature}) over {request.version.label}"
         try:
+            # Abandon, not wait, on cancellation (a shutdown): the thread cannot be interrupted,
+            # and what it leaves half done is cleaned up by the next start's recovery.
             text = await trio.to_thread.run_sync(
-                self.register, request.url, request.signature, limiter=self.limiter
+                self.register,
+                request.url,
+                request.signature,
+                limiter=self.limiter,
+                abandon_on_cancel=True,
             )
         except RegistrarError as exc:
             return soap.fault_reply(request.version, exc), f"{what}: fault: {exc}"

@@ -132,3 +132,40 @@ def test_registrar_killed_mid_registration_is_cleaned_up_and_redone(
     )
     assert sorted(stack.cloud.image_ids()) == sorted(answer.values())
     assert len(_folders(stack)) == 3
+
+
+def test_sigterm_mid_registration_exits_promptly_and_the_next_start_cleans_up(
+    stack: Stack, origin: Origin, image_factory: ImageFactory
+) -> None:
+    images = image_factory.publish(origin, size_mib=16, fs_format="raw")
+    stack.cloud.hold_pending = True  # the kernel's registration hangs in "pending"
+    registrar = stack.start()
+    outcome: list[BaseException | str] = []
+
+    def call() -> None:
+        try:
+            outcome.append(
+                stack.zeep(registrar).RegisterImage(
+                    url=images.metadata_url, signature=images.metadata_sha1
+                )
+            )
+        except BaseException as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    _wait_for(lambda: len(stack.cloud.calls_of("RegisterImage")) == 1, "the kernel's RegisterImage")
+    # systemd gives 30 s (TimeoutStopSec); the registrar must not wait for the stuck job.
+    registrar.proc.send_signal(signal.SIGTERM)
+    assert registrar.proc.wait(25) == 0
+    caller.join(60)
+    assert outcome and not isinstance(outcome[0], str)
+
+    stack.cloud.hold_pending = False
+    restarted = stack.start()
+    assert stack.cloud.image_ids() == []
+    assert stack.cloud.bucket_keys() == []
+    answer = loads(
+        stack.zeep(restarted).RegisterImage(url=images.metadata_url, signature=images.metadata_sha1)
+    )
+    assert sorted(stack.cloud.image_ids()) == sorted(answer.values())
