@@ -225,6 +225,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def _register_with_progress(service: Any, url: str, signature: str) -> Any:
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -240,7 +241,7 @@ def _register_with_progress(service: Any, url: str, signature: str) -> Any:
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
-        console=None,
+        console=Console(stderr=True),  # stdout carries only the answer text
         transient=False,
     ) as bar:
         tasks: dict[str, Any] = {}

@@ -4,6 +4,7 @@ mount, nginx and the moto cloud. Run as `python -m registrar.service_cli` (the s
 
 from __future__ import annotations
 
+import shlex
 import signal
 import socket
 import subprocess
@@ -88,3 +89,34 @@ def test_serve_tells_systemd_it_is_ready_and_stops_cleanly_on_sigterm(
         assert registrar.stop(signal.SIGTERM) == 0
         assert notify.recv(64) == b"STOPPING=1"
     assert "SIGTERM: stopping" in registrar.log_text()
+
+
+def test_register_shows_progress_on_a_terminal_and_keeps_stdout_clean(
+    stack: Stack, origin: Origin, image_factory: ImageFactory, tmp_path: Path
+) -> None:
+    images = image_factory.publish(origin, size_mib=16, fs_format="raw")
+    out = tmp_path / "answer.txt"
+    command = " ".join(
+        shlex.quote(a)
+        for a in [
+            *REGISTRAR,
+            "register",
+            "--config",
+            str(stack.config),
+            images.metadata_url,
+            images.metadata_sha1,
+        ]
+    )
+    # script(1) gives the command a terminal on stderr; stdout goes to a file.
+    done = subprocess.run(
+        ["script", "-qec", f"{command} > {shlex.quote(str(out))}", "/dev/null"],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stdout
+    assert "bundling FILESYSTEM" in done.stdout  # the terminal saw the progress bars
+    answer = loads(out.read_text())
+    assert sorted(stack.cloud.image_ids()) == sorted(answer.values())
+    assert out.read_text().count("\n") == 3
