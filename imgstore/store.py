@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
 import trio
@@ -204,19 +204,12 @@ class Store:
         if off >= end:
             return b""
         self._readahead(handle, off, end)
-        try:
-            with trio.fail_after(self.cfg.read_deadline):
-                if blob.state != "verified" and handle.would_complete(off, end):
-                    await self._verified(blob)
-                else:
-                    await self._ensure(
-                        blob, list(chunks_touching(off, end - off, blob.size, blob.chunk_size))
-                    )
-        except trio.TooSlowError:
-            raise OriginError(
-                f"blob {blob.sha1}: bytes {off}-{end - 1} not available within "
-                f"{self.cfg.read_deadline:g}s"
-            ) from None
+        if blob.state != "verified" and handle.would_complete(off, end):
+            await self._verified(blob)
+        else:
+            touched = list(chunks_touching(off, end - off, blob.size, blob.chunk_size))
+            with self._deadline(blob, f"bytes {off}-{end - 1}"):
+                await self._ensure(blob, touched)
         data = await self._io(blob.data.pread, off, end - off)
         # Verification may have failed (and the bytes been dropped) while pread ran.
         if blob.state == "corrupt":
@@ -242,8 +235,28 @@ class Store:
         """Fetch every chunk and wait for the verdict (for `imgstore fetch`)."""
         await self._verified(handle.blob)
 
+    @contextlib.contextmanager
+    def _deadline(self, blob: Blob, what: str) -> Iterator[None]:
+        """Turn a wait longer than `read_deadline` into OriginError (EIO), never a hang."""
+        try:
+            with trio.fail_after(self.cfg.read_deadline):
+                yield
+        except trio.TooSlowError:
+            raise OriginError(
+                f"blob {blob.sha1}: {what} not available within {self.cfg.read_deadline:g}s"
+            ) from None
+
     async def _verified(self, blob: Blob) -> None:
-        await self._ensure(blob, list(range(blob.nchunks)))
+        """Fetch every missing chunk, then wait for the verdict; BlobCorrupt if it failed.
+
+        The deadline applies to each chunk in turn, not to the whole blob: a large blob from a
+        slow origin is fine as long as it keeps arriving.
+        """
+        for idx in range(blob.nchunks):
+            self._start_flight(blob, idx)
+        for idx in range(blob.nchunks):
+            with self._deadline(blob, f"chunk {idx}"):
+                await self._ensure(blob, [idx])
         self.nursery.start_soon(self._advance_hash, blob)
         await blob.verdict.wait()
         if blob.state == "corrupt":
@@ -278,24 +291,25 @@ class Store:
 
     async def _flight(self, blob: Blob, idx: int) -> None:
         try:
-            with trio.fail_after(self.cfg.read_deadline):
-                if blob.ranges:
-                    try:
-                        async with blob.requests:
-                            start, end = chunk_span(idx, blob.size, blob.chunk_size)
+            if blob.ranges:
+                try:
+                    async with blob.requests:
+                        # The deadline starts once a request slot is ours: queueing behind
+                        # this blob's other chunks is progress, not a stalled origin.
+                        start, end = chunk_span(idx, blob.size, blob.chunk_size)
+                        with self._deadline(blob, f"chunk {idx}"):
                             data = await self.origin.fetch_range(blob.urls, start, end, blob.size)
-                        await self._store_chunk(blob, idx, data)
-                    except RangeNotSupported as exc:
-                        log.warning("%s; streaming the whole body once instead", exc)
-                        blob.ranges = False
-                        await self._db(self.catalog.set_ranges, blob.sha1, False)
-                if not blob.ranges and idx not in blob.present:
-                    await self._whole_body(blob)
-                    if idx not in blob.present and blob.whole_error is not None:
-                        raise blob.whole_error
-        except trio.TooSlowError:
-            blob.failures[idx] = OriginError(f"blob {blob.sha1}: chunk {idx} timed out")
-            log.error("blob %s: chunk %d not fetched within the read deadline", blob.sha1, idx)
+                    await self._store_chunk(blob, idx, data)
+                except RangeNotSupported as exc:
+                    log.warning("%s; streaming the whole body once instead", exc)
+                    blob.ranges = False
+                    await self._db(self.catalog.set_ranges, blob.sha1, False)
+            if not blob.ranges and idx not in blob.present:
+                # No overall deadline on a whole body: the HTTP read timeout catches a stall,
+                # and readers waiting on a chunk have their own deadlines.
+                await self._whole_body(blob)
+                if idx not in blob.present and blob.whole_error is not None:
+                    raise blob.whole_error
         except StoreError as exc:
             blob.failures[idx] = exc
             log.error("blob %s: chunk %d: %s", blob.sha1, idx, exc)
