@@ -724,7 +724,12 @@ def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="scripts/demo",
+        description="Run ImageProxy end to end on this machine: a local origin, a stand-in "
+        "cloud, an imgstore mount and the registrar answering ORCA's SOAP call; then clean up.",
+        epilog="Exit codes: 0 ok, 1 a step failed, 130 interrupted.",
+    )
     parser.add_argument(
         "--keep", action="store_true", help="keep the working directory and its logs"
     )
