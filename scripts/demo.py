@@ -734,6 +734,10 @@ def main(argv: list[str] | None = None) -> int:
         "--keep", action="store_true", help="keep the working directory and its logs"
     )
     args = parser.parse_args(argv)
+    # Everything the demo talks to is on loopback: an http_proxy set for this host must not
+    # carry those requests (ours, imgstore's or boto3's) elsewhere.
+    for name in ("no_proxy", "NO_PROXY"):
+        os.environ[name] = ",".join(filter(None, [os.environ.get(name), "127.0.0.1,localhost"]))
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupted)
     # Even when started with SIGINT ignored (a background job of a script), Ctrl-C cleans up.
