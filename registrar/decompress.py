@@ -55,7 +55,7 @@ class Format(enum.Enum):
 
 
 def detect(head: bytes) -> Format:
-    """Tell the compression from the first bytes of a file (six are enough)."""
+    """Tell the compression from the first bytes of a file (13 are enough)."""
     if head.startswith(b"\x1f\x8b"):
         return Format.GZIP
     if head.startswith(b"BZh") and head[3:4].isdigit() and head[3:4] != b"0":
@@ -64,11 +64,25 @@ def detect(head: bytes) -> Format:
         return Format.XZ
     if head.startswith(b"\x1f\x9d"):
         return Format.COMPRESS
-    # The .lzma "alone" format has no magic; its first byte is lc/lp/pb and 0x5d (the default
-    # 3/0/2) followed by a dictionary size whose low bytes are zero is what every tool writes.
-    if head.startswith(b"\x5d\x00\x00"):
+    if _looks_like_lzma_alone(head):
         return Format.LZMA
     return Format.RAW
+
+
+def _looks_like_lzma_alone(head: bytes) -> bool:
+    """The .lzma "alone" header, which has no magic: check what every tool writes.
+
+    Byte 0 is lc/lp/pb, 0x5d for the default 3/0/2; bytes 1–4 the dictionary size, 2^n or
+    2^n + 2^(n-1) from 4 KiB up; bytes 5–12 the raw size or all ones (unknown).
+    """
+    if len(head) < 13 or head[0] != 0x5D:
+        return False
+    dict_size = int.from_bytes(head[1:5], "little")
+    n = dict_size.bit_length() - 1
+    if dict_size < 4096 or dict_size not in (1 << n, (1 << n) | (1 << (n - 1))):
+        return False
+    raw_size = int.from_bytes(head[5:13], "little")
+    return raw_size == 2**64 - 1 or raw_size < 2**50
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +114,7 @@ def probe(source: BinaryIO) -> Probe:
     raw_size = source.seek(0, io.SEEK_END) - start
     source.seek(start)
     try:
-        head = source.read(6)
+        head = source.read(13)
         fmt = detect(head)
         source.seek(start)
         stream = _decompressor(source, fmt)

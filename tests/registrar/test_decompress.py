@@ -164,6 +164,11 @@ def test_magic_bytes() -> None:
     assert decompress.detect(b"BZh0") is Format.RAW
     assert decompress.detect(b"\xfd7zXZ\x00") is Format.XZ
     assert decompress.detect(b"\x1f\x9d\x90") is Format.COMPRESS
-    assert decompress.detect(b"\x5d\x00\x00\x80\x00") is Format.LZMA
+    assert decompress.detect(b"\x5d\x00\x00\x80\x00" + b"\xff" * 8) is Format.LZMA
+    assert decompress.detect(b"\x5d\x00\x00\x10\x00" + (2**30).to_bytes(8, "little")) is (
+        Format.LZMA
+    )
+    assert decompress.detect(b"\x5d\x00\x00\x80\x00") is Format.RAW  # too short to tell
+    assert decompress.detect(b"\x5d\x01\x02\x03\x04" + b"\xff" * 8) is Format.RAW
     assert decompress.detect(bytes(6)) is Format.RAW
     assert decompress.detect(b"\x53\xef") is Format.RAW
