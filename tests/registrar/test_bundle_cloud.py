@@ -13,7 +13,12 @@ import pytest
 
 from registrar import config as registrar_config
 from registrar.cloud import Cloud
-from registrar.errors import CloudError, ImageChecksumMismatch, RegistrationTimeout
+from registrar.errors import (
+    CloudError,
+    ImageChecksumMismatch,
+    ImageFailed,
+    RegistrationTimeout,
+)
 from registrar.install import ImageFile, install_image, install_set
 from registrar.manifest import BundleKeys
 from tests.registrar.bundle_check import check_bundle
@@ -266,6 +271,27 @@ def test_image_never_available_is_deregistered_and_deleted(
     assert cloud.image_ids() == []
     assert cloud.bucket_keys() == []
     assert registered["ImageLocation"].startswith(f"{cloud.bucket}/")
+
+
+def test_image_the_cloud_marks_failed_is_deregistered_and_deleted(
+    cloud: StandInCloud, tmp_path: Path, image_factory: ImageFactory
+) -> None:
+    image = image_factory.ext4(size_mib=8, seed=5)
+    cloud.report_image_state("failed")
+    remote, keys = connect(cloud, tmp_path)
+    with open(image, "rb") as stream, pytest.raises(ImageFailed, match="is failed"):
+        install_image(
+            remote,
+            keys,
+            stream,
+            label="failed",
+            image_type="machine",
+            arch="x86_64",
+            expected_sha1=image_factory.sha1(image),
+            account_id=cloud.account_id,
+        )
+    assert len(cloud.calls_of("DeregisterImage")) == 1
+    assert cloud.image_ids() == [] and cloud.bucket_keys() == []
 
 
 def test_reinstalling_the_same_image_never_collides(

@@ -18,7 +18,7 @@ proxy of ours in front of moto:
 - `cloud.refuse("RegisterImage", code, message)`: answer that action with an EC2 error, the
   way Eucalyptus refuses an invalid manifest or parameter;
 - `cloud.hold_pending = True`: DescribeImages reports `pending` instead of `available`, the
-  way a slow or stuck Eucalyptus does;
+  way a slow or stuck Eucalyptus does; `cloud.report_image_state("failed")` any other state;
 - `cloud.expect_parallel_parts(n)`: part uploads wait until n are in flight at once (then
   `cloud.parallel_parts_result` is "tripped"), or give up after a timeout ("broken").
 
@@ -171,7 +171,7 @@ class RecordingProxy:
         self.s3_requests: list[tuple[str, str, str | None]] = []
         self.s3_auth_schemes: list[str] = []
         self.refusals: dict[str, tuple[int, str, str]] = {}
-        self.hold_pending = False
+        self.image_state: str | None = None  # what DescribeImages says instead of "available"
         self.part_barrier: threading.Barrier | None = None
         self.part_barrier_timeout = 30.0
         self.part_barrier_result: str | None = None  # "tripped" or "broken"
@@ -221,7 +221,7 @@ class RecordingProxy:
             self.s3_requests.clear()
             self.s3_auth_schemes.clear()
             self.refusals.clear()
-            self.hold_pending = False
+            self.image_state = None
             self.part_barrier = None
             self.part_barrier_result = None
 
@@ -243,7 +243,7 @@ class RecordingProxy:
                 auth = handler.headers.get("Authorization", "")
                 self.s3_auth_schemes.append(auth.split(" ", 1)[0])
             refusal = self.refusals.get(action) if action else None
-            hold = self.hold_pending
+            state = self.image_state
         if refusal is not None:
             status, code, message = refusal
             xml = (
@@ -267,9 +267,10 @@ class RecordingProxy:
                 if k.lower() not in ("transfer-encoding", "connection")
                 and (k.lower() != "content-length" or handler.command == "HEAD")
             }
-            if hold and action == "DescribeImages":
+            if state and action == "DescribeImages":
                 data = data.replace(
-                    b"<imageState>available</imageState>", b"<imageState>pending</imageState>"
+                    b"<imageState>available</imageState>",
+                    f"<imageState>{state}</imageState>".encode(),
                 )
             self._reply(handler, response.status, out_headers, data, head=handler.command == "HEAD")
         finally:
@@ -386,12 +387,16 @@ class StandInCloud:
 
     @property
     def hold_pending(self) -> bool:
-        return self._server.proxy.hold_pending
+        return self._server.proxy.image_state == "pending"
 
     @hold_pending.setter
     def hold_pending(self, value: bool) -> None:
+        self.report_image_state("pending" if value else None)
+
+    def report_image_state(self, state: str | None) -> None:
+        """Make DescribeImages say `state` (e.g. "failed") where moto says "available"."""
         with self._server.proxy._lock:
-            self._server.proxy.hold_pending = value
+            self._server.proxy.image_state = state
 
     def expect_parallel_parts(self, parties: int, timeout: float = 30.0) -> None:
         """Hold the next part uploads until `parties` are in flight together, or `timeout`.
