@@ -168,3 +168,41 @@ def test_a_sink_failure_stops_bundling(keys: tuple[BundleKeys, Path]) -> None:
     with pytest.raises(RuntimeError, match="upload failed"):
         run(os.urandom(25 * 1024 * 1024), keys[0], part_sink=sink)
     assert calls == [0]
+
+
+def test_the_euca2ools_unbundle_pipeline_accepts_the_bundle(
+    keys: tuple[BundleKeys, Path], tmp_path: Path
+) -> None:
+    """openssl decrypts the hex key and the stream, gzip -d and tar -x do the rest."""
+    import os
+    import subprocess
+
+    data = os.urandom(3 * 1024 * 1024) + bytes(9 * 1024 * 1024)
+    manifest, parts = run(data, keys[0], name="fs.img")
+    image = etree.fromstring(manifest.xml).find("image")
+
+    def rsa_decrypt(hex_text: str) -> str:
+        out = subprocess.run(
+            ["openssl", "pkeyutl", "-decrypt", "-inkey", str(keys[1])],
+            input=bytes.fromhex(hex_text),
+            capture_output=True,
+            check=True,
+        )
+        return out.stdout.decode("ascii")
+
+    key = rsa_decrypt(image.findtext("ec2_encrypted_key"))
+    iv = rsa_decrypt(image.findtext("ec2_encrypted_iv"))
+    for part in parts:
+        (tmp_path / part.filename).write_bytes(part.data)
+    out = tmp_path / "out"
+    out.mkdir()
+    script = (
+        'cat "$1"/fs.img.part.* | openssl enc -d -aes-128-cbc -K "$2" -iv "$3" '
+        '| gzip -d | tar -x -C "$4"'
+    )
+    subprocess.run(
+        ["bash", "-o", "pipefail", "-c", script, "bash", str(tmp_path), key, iv, str(out)],
+        check=True,
+    )
+    assert [p.name for p in out.iterdir()] == ["fs.img"]
+    assert (out / "fs.img").read_bytes() == data
