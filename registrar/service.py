@@ -266,8 +266,12 @@ class Service:
                 return known
             log.warning("metadata %s: a registered image is gone from the cloud; redoing", sha1)
         images = self._read_metadata(url, sha1, trusted)
-        kernel_id = self._part(images.kernel, "kernel", "", "", trusted, progress)
-        ramdisk_id = self._part(images.ramdisk, "ramdisk", "", "", trusted, progress)
+        # Kernel and ramdisk in parallel (each waits for "available"), then the machine image,
+        # which names both. Both run to the end even if one fails: a registered part is kept.
+        kernel_id, ramdisk_id = _in_parallel(
+            lambda: self._part(images.kernel, "kernel", "", "", trusted, progress),
+            lambda: self._part(images.ramdisk, "ramdisk", "", "", trusted, progress),
+        )
         machine_id = self._part(
             images.filesystem, "machine", kernel_id, ramdisk_id, trusted, progress
         )
@@ -562,6 +566,35 @@ class Service:
             dropped = imgstore.unpin_owner_prefix(self.settings.cache_dir, prefix)
             log.info("dropped %d pins of dead registrar %s", dropped, prefix)
         return cleaned
+
+
+def _in_parallel(*calls: Callable[[], T]) -> list[T]:
+    """Run `calls` in threads of their own; return their results, or raise the first error.
+
+    Daemon threads, not an executor: on shutdown an abandoned request must not keep the process
+    alive (concurrent.futures joins its workers at exit).
+    """
+    results: list[Any] = [None] * len(calls)
+    errors: list[BaseException | None] = [None] * len(calls)
+
+    def run(index: int) -> None:
+        try:
+            results[index] = calls[index]()
+        except BaseException as exc:
+            errors[index] = exc
+
+    threads = [
+        threading.Thread(target=run, args=(i,), name=f"part-{i}", daemon=True)
+        for i in range(len(calls))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for error in errors:
+        if error is not None:
+            raise error
+    return results
 
 
 def _owner_alive(owner: str) -> bool:
