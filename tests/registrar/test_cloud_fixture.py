@@ -104,6 +104,15 @@ def test_config_and_eucarc_writers(cloud: StandInCloud, tmp_path) -> None:
     assert config["cloud"]["user_key"] == str(cloud.user_key)
     unsigned = tomllib.loads(cloud.write_config(tmp_path / "u.toml", signed=False).read_text())
     assert "user_key" not in unsigned["cloud"]
+    full = cloud.write_config(
+        tmp_path / "f.toml",
+        registrar={"listen": "127.0.0.1:0", "allowed_networks": ["127.0.0.0/8"]},
+        store={"cache_dir": tmp_path / "cache", "cache_size": "1G"},
+    )
+    parsed = tomllib.loads(full.read_text())
+    assert parsed["store"] == {"cache_dir": str(tmp_path / "cache"), "cache_size": "1G"}
+    assert parsed["registrar"]["allowed_networks"] == ["127.0.0.0/8"]
+    assert parsed["registrar"]["bucket"] == cloud.bucket
     eucarc = cloud.write_eucarc(tmp_path / "euca")
     text = eucarc.read_text()
     assert f"export EC2_URL={cloud.ec2_url}" in text

@@ -458,12 +458,15 @@ class StandInCloud:
         user_cert: bool = True,
         eucarc: Path | None = None,
         state_dir: Path | None = None,
+        registrar: dict[str, Any] | None = None,
+        store: dict[str, Any] | None = None,
         **cloud: Any,
     ) -> Path:
         """Write a TOML config with `[registrar]` (bucket, state_dir) and `[cloud]`.
 
         With `eucarc`, `[cloud]` names that file instead of the endpoints and credentials;
-        keyword arguments add or override `[cloud]` keys (None removes one).
+        keyword arguments add or override `[cloud]` keys (None removes one). `registrar` adds
+        `[registrar]` keys (listen, allowed_networks, …); `store` writes a `[store]` section.
         """
         settings = (
             {
@@ -476,16 +479,22 @@ class StandInCloud:
             else self.cloud_settings(signed=signed, user_cert=user_cert)
         )
         settings.update(cloud)
-        state = state_dir or path.parent / "state"
-        lines = [
-            "[registrar]",
-            f"bucket = {_toml(self.bucket)}",
-            f"state_dir = {_toml(str(state))}",
-            "",
-            "[cloud]",
-        ]
-        lines += [f"{key} = {_toml(value)}" for key, value in settings.items() if value is not None]
-        path.write_text("\n".join(lines) + "\n")
+        registrar_settings = {
+            "bucket": self.bucket,
+            "state_dir": str(state_dir or path.parent / "state"),
+            **(registrar or {}),
+        }
+        sections = {"registrar": registrar_settings, "cloud": settings}
+        if store is not None:
+            sections = {"store": store, **sections}
+        lines: list[str] = []
+        for name, values in sections.items():
+            lines.append(f"[{name}]")
+            lines += [
+                f"{key} = {_toml(value)}" for key, value in values.items() if value is not None
+            ]
+            lines.append("")
+        path.write_text("\n".join(lines))
         return path
 
     def write_eucarc(self, directory: Path, *, signed: bool = True) -> Path:
@@ -521,6 +530,10 @@ class StandInCloud:
 
 
 def _toml(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    if isinstance(value, Path):
+        value = str(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
