@@ -96,3 +96,9 @@ class RegistrationTimeout(CloudError):
 
 class ImageFailed(CloudError):
     """Raised when the cloud reports a registered image as failed or deregistered."""
+
+
+class RegistrationFailed(RegistrarError):
+    """Raised when bundling, uploading or registering one image of a set fails; the message
+    names the image and its URL, then the cause (a BundleError or CloudError, kept as
+    `__cause__`, whose own message names the step)."""

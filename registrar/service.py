@@ -55,10 +55,13 @@ from registrar.bundle import bundle_image
 from registrar.cloud import BundleUpload, Cloud
 from registrar.config import Config
 from registrar.errors import (
+    BundleError,
     CloudError,
     FetchError,
+    InputError,
     InvalidURL,
     RegistrarError,
+    RegistrationFailed,
     RequestTooLarge,
     SignatureMismatch,
 )
@@ -488,8 +491,12 @@ class Service:
                 )
                 self.registry.record_image_id(key, image_id)
                 self.cloud.wait_available(image_id)
-            except BaseException:
+            except BaseException as exc:
                 self._undo(key, owner, folder, upload, image_id)
+                if isinstance(exc, BundleError | CloudError) and not isinstance(exc, InputError):
+                    raise RegistrationFailed(
+                        f"registering the {part.type} image from {part.url} failed: {exc}"
+                    ) from exc
                 raise
             self.registry.finish(
                 key, Image(key, kind, part.sha1, image_id, self.cloud.bucket, folder)

@@ -119,3 +119,20 @@ def test_bad_inputs_get_specific_faults_and_leave_nothing_behind(
     blobs = stack.imgstore_ls()
     for part in images.parts.values():
         assert blobs[part.sha1]["state"] == "verified"
+
+
+def test_cloud_refusal_is_a_server_fault_naming_image_and_step_and_nothing_leaks(
+    stack: Stack, origin: Origin, image_factory: ImageFactory
+) -> None:
+    images = image_factory.publish(origin, size_mib=16, fs_format="raw", kernel=False)
+    stack.cloud.refuse("RegisterImage", "InvalidManifest", "manifest signature is invalid")
+    service = stack.zeep(stack.start())
+    fault = _fault(service, images.metadata_url, images.metadata_sha1)
+    assert fault.code == "soapenv:Server"
+    ramdisk = images.parts["RAMDISK"]
+    assert fault.message == (
+        f"registering the RAMDISK image from {ramdisk.url} failed: "
+        "RegisterImage: InvalidManifest: manifest signature is invalid"
+    )
+    assert stack.cloud.bucket_keys() == []
+    assert stack.cloud.image_ids() == []
