@@ -358,3 +358,24 @@ def test_client_that_hangs_up_mid_call_does_not_disturb_the_server(
             axis2_headers(SoapVersion.SOAP11),
         )
         assert status == 200 and b"emi-11111111" in reply
+
+
+def test_expect_100_continue_is_honoured(srv: Running, job: FakeJob) -> None:
+    # commons-httpclient (under Axis2) can be set to send Expect: 100-continue before the body.
+    body = axis2_envelope(SoapVersion.SOAP11, "http://o/m", SIG)
+    with socket.create_connection((srv.host, srv.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /axis2/services/IMAGEPROXY HTTP/1.1\r\nHost: x\r\nUser-Agent: Axis2\r\n"
+            b'Content-Type: text/xml; charset=UTF-8\r\nSOAPAction: "urn:RegisterImage"\r\n'
+            b"Expect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        interim = b""
+        while b"\r\n\r\n" not in interim:
+            interim += sock.recv(1)
+        assert interim.startswith(b"HTTP/1.1 100 ")
+        sock.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        assert response.status == 200
+        assert b"emi-11111111" in response.read()
+    assert job.calls == [("http://o/m", SIG)]
