@@ -265,11 +265,12 @@ class Catalog:
         with self._locked():
             return dict(self._db.execute("SELECT idx, length FROM chunks WHERE sha1=?", (sha1,)))
 
-    def mark_chunk(self, sha1: str, generation: int, idx: int, length: int, complete: bool) -> bool:
+    def mark_chunk(self, sha1: str, generation: int, idx: int, length: int, nchunks: int) -> bool:
         """Record a durably written chunk; False (nothing recorded) if the generation moved on.
 
-        `complete` says every chunk is now present, which moves the state to `complete`
-        unless it is already `verified`.
+        The state becomes `complete` when all `nchunks` are recorded (counted inside the same
+        transaction, so concurrent writers cannot both miss it), else `partial`; a `verified`
+        blob stays verified.
         """
         with self._locked(), self._write() as db:
             row = db.execute("SELECT generation, state FROM blobs WHERE sha1=?", (sha1,)).fetchone()
@@ -280,7 +281,8 @@ class Catalog:
                 (sha1, idx, length),
             )
             if row[1] != "verified":
-                state = "complete" if complete else "partial"
+                count = db.execute("SELECT COUNT(*) FROM chunks WHERE sha1=?", (sha1,)).fetchone()
+                state = "complete" if count[0] >= nchunks else "partial"
                 db.execute("UPDATE blobs SET state=? WHERE sha1=?", (state, sha1))
             return True
 

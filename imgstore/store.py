@@ -115,7 +115,8 @@ class Store:
         self.catalog = catalog
         self.origin = origin
         self.nursery = nursery
-        self.blobs: dict[str, Blob] = {}
+        self.blobs: dict[str, Blob] = {}  # what `open` hands out
+        self.live: set[Blob] = set()  # every Blob whose data file is open (incl. replaced ones)
         # SQLite: one connection, so one thread at a time; disk: a few parallel syscalls.
         self.db_limiter = trio.CapacityLimiter(1)
         self.io_limiter = trio.CapacityLimiter(8)
@@ -150,6 +151,7 @@ class Store:
             if blob is None:
                 blob = await self._load(sha1)
                 self.blobs[sha1] = blob
+                self.live.add(blob)
             blob.opens += 1
         self.nursery.start_soon(self._db, self.catalog.touch, sha1)
         if not blob.verdict.is_set():
@@ -178,6 +180,14 @@ class Store:
         self.nursery.start_soon(self._db, self.catalog.touch, handle.blob.sha1)
         await self._maybe_close(handle.blob)
 
+    def close_all(self) -> None:
+        """Close every data file (at shutdown, once no task runs): drop our shared flocks."""
+        for blob in list(self.live):
+            blob.closed = True
+            blob.data.close()
+        self.live.clear()
+        self.blobs.clear()
+
     async def _maybe_close(self, blob: Blob) -> None:
         """Close the data file once nothing uses the blob, so eviction may take it."""
         if blob.opens or blob.inflight or blob.hash_lock.locked() or blob.whole is not None:
@@ -185,6 +195,7 @@ class Store:
         if blob.closed:
             return
         blob.closed = True
+        self.live.discard(blob)
         if self.blobs.get(blob.sha1) is blob:
             del self.blobs[blob.sha1]
         await self._io(blob.data.close)
@@ -371,9 +382,8 @@ class Store:
             self.budget.allocated[blob.sha1] = alloc
         if blob.generation != generation or blob.state == "corrupt":
             return
-        complete = len(blob.present) + 1 == blob.nchunks and idx not in blob.present
         if await self._db(
-            self.catalog.mark_chunk, blob.sha1, generation, idx, end - start, complete
+            self.catalog.mark_chunk, blob.sha1, generation, idx, end - start, blob.nchunks
         ):
             blob.present[idx] = end - start
             if blob.state not in ("verified",):
@@ -472,6 +482,7 @@ async def open_store(cfg: StoreConfig) -> AsyncIterator[Store]:
                 yield store
             finally:
                 nursery.cancel_scope.cancel()
+        store.close_all()
     finally:
         with trio.CancelScope(shield=True):
             await origin.aclose()

@@ -85,9 +85,9 @@ def test_catalog_reset_rules(tmp_path):
     sha1 = "a" * 40
     rec, reset = cat.upsert(sha1, 10 * MiB, '"e"', True, [Url("http://h/a", True)], 4 * MiB)
     assert (rec.state, rec.size, reset) == ("remote", 10 * MiB, False)
-    assert cat.mark_chunk(sha1, rec.generation, 0, 4 * MiB, complete=False)
+    assert cat.mark_chunk(sha1, rec.generation, 0, 4 * MiB, 3)
     assert cat.get(sha1).state == "partial" and cat.get(sha1).cached_bytes == 4 * MiB
-    assert not cat.mark_chunk(sha1, rec.generation + 1, 1, 4 * MiB, complete=False)  # stale
+    assert not cat.mark_chunk(sha1, rec.generation + 1, 1, 4 * MiB, 3)  # stale
     # Re-adding adds mirrors (new URLs first) and keeps the cache.
     rec2, reset = cat.upsert(sha1, 10 * MiB, None, True, [Url("http://m/a", False)], 4 * MiB)
     assert [u.url for u in rec2.urls] == ["http://m/a", "http://h/a"]
@@ -114,7 +114,7 @@ def _hammer(cache_dir: str, k: int, n: int) -> None:
     for i in range(n):
         sha1 = f"{k:02x}{i:038x}"
         rec, _ = cat.upsert(sha1, 8 * MiB, None, True, [Url(f"http://h/{i}", True)], 4 * MiB)
-        cat.mark_chunk(sha1, rec.generation, 0, 4 * MiB, complete=False)
+        cat.mark_chunk(sha1, rec.generation, 0, 4 * MiB, 2)
         cat.touch(sha1)
         cat.pin(sha1, f"p{k}")
         cat.list()
