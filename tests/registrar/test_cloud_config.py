@@ -141,12 +141,17 @@ def test_unreadable_eucarc(tmp_path: Path) -> None:
         load(tmp_path, '[cloud]\neucarc = "missing/eucarc"\n')
 
 
-def test_cloud_from_a_eucarc_with_sigv2_uploads_and_registers(
+def test_cloud_from_a_eucarc_with_sigv2_uploads_registers_and_cleans_up(
     cloud: StandInCloud, tmp_path: Path
 ) -> None:
     eucarc = cloud.write_eucarc(tmp_path / "creds")
     config = registrar_config.load(
-        cloud.write_config(tmp_path / "c.toml", eucarc=eucarc, s3_signature_version="s3")
+        cloud.write_config(
+            tmp_path / "c.toml",
+            eucarc=eucarc,
+            s3_signature_version="s3",
+            ec2_signature_version="v2",
+        )
     )
     assert config.require_cloud().user_key == (tmp_path / "creds").resolve() / "euca2-admin-pk.pem"
     remote = Cloud.from_config(config)
@@ -162,6 +167,8 @@ def test_cloud_from_a_eucarc_with_sigv2_uploads_and_registers(
     assert cloud.bucket_keys() == [] and cloud.image_ids() == []
     # SigV2 really was used for S3: its Authorization header is "AWS key:signature".
     assert set(cloud.s3_auth_schemes) == {"AWS"}
+    # … and for EC2: SigV2 signs in the query parameters.
+    assert {call.get("SignatureVersion") for call in cloud.ec2_calls} == {"2"}
 
 
 def test_unreachable_cloud_names_the_step(cloud: StandInCloud, tmp_path: Path) -> None:

@@ -258,6 +258,14 @@ class RecordingProxy:
         conn = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=60)
         try:
             headers = {k: v for k, v in handler.headers.items() if k.lower() != "connection"}
+            if action and "Authorization" not in handler.headers:
+                # A SigV2 query request (Eucalyptus < 4.4 style) carries its signature in the
+                # parameters; moto server routes only by a SigV4 credential scope and would hand
+                # it to S3. Name EC2 in a scope moto reads (it checks no signature).
+                headers["Authorization"] = (
+                    f"AWS4-HMAC-SHA256 Credential={ACCESS_KEY}/20260101/{REGION}/ec2/aws4_request,"
+                    " SignedHeaders=host, Signature=0"
+                )
             conn.request(handler.command, handler.path, body=body, headers=headers)
             response = conn.getresponse()
             data = response.read()
