@@ -85,7 +85,7 @@ def add(
 ) -> BlobInfo:
     """Declare a blob by SHA-1 and URL(s); see the module docstring."""
     sha1 = normalize_sha1(sha1)
-    checked = [check_url(u) for u in urls]
+    checked = list(dict.fromkeys(check_url(u) for u in urls))  # in order, no duplicates
     if not checked:
         raise BadUrl("at least one URL is needed")
     probes = _run_trio(lambda: _probe_all(checked, connect_timeout))

@@ -166,13 +166,17 @@ class Store:
             ):
                 rec = await self._db(self.catalog.get, sha1)
         data = await self._io(DataFile, self.cfg.cache_dir, sha1, rec.size)
-        # Re-read under the shared lock: an eviction in another process may have just finished.
-        rec = await self._db(self.catalog.get, sha1)
-        present = await self._db(self.catalog.chunks, sha1)
-        if data.created and present:
-            log.warning("blob %s: its cache file was deleted; fetching it again", sha1)
-            rec = await self._db(self.catalog.reset, sha1)
-            present = {}
+        try:
+            # Re-read under the shared lock: an eviction elsewhere may have just finished.
+            rec = await self._db(self.catalog.get, sha1)
+            present = await self._db(self.catalog.chunks, sha1)
+            if data.created and present:
+                log.warning("blob %s: its cache file was deleted; fetching it again", sha1)
+                rec = await self._db(self.catalog.reset, sha1)
+                present = {}
+        except BaseException:
+            data.close()
+            raise
         return Blob(rec, data, present, self.cfg.max_requests)
 
     async def release(self, handle: Handle) -> None:

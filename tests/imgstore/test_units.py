@@ -136,3 +136,24 @@ def test_catalog_from_many_processes_at_once(tmp_path):
     assert len(blobs) == 240
     assert all(b.state == "partial" and b.pins == () for b in blobs)
     cat.close()
+
+
+def test_client_api_records_untrusted_urls_and_refuses_a_wrong_size(tmp_path, origin):
+    import hashlib
+    import os
+
+    from imgstore import client
+    from imgstore.errors import OriginError
+
+    data = os.urandom(5000)
+    sha1 = hashlib.sha1(data).hexdigest()
+    url = origin.put("a.bin", data)
+    info = client.add(tmp_path, sha1, [url, url], trusted=False)
+    assert (info.sha1, info.size, info.state, info.urls) == (sha1, 5000, "remote", (url,))
+    cat = Catalog(tmp_path)
+    assert [(u.url, u.trusted) for u in cat.get(sha1).urls] == [(url, False)]
+    assert cat.get(sha1).urls[0].etag  # nginx's ETag, for If-Range
+    cat.close()
+    with pytest.raises(OriginError, match="5000"):
+        client.add(tmp_path, sha1, [origin.put("b.bin", data + b"x")])
+    assert [b.sha1 for b in client.list_blobs(tmp_path)] == [sha1]
