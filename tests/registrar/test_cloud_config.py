@@ -149,6 +149,8 @@ def test_cloud_from_a_eucarc_with_sigv2_uploads_registers_and_cleans_up(
         cloud.write_config(
             tmp_path / "c.toml",
             eucarc=eucarc,
+            # Eucalyptus 3's Walrus path, explicit keys winning over the eucarc's S3_URL.
+            s3_url=cloud.s3_url.replace("objectstorage", "Walrus"),
             s3_signature_version="s3",
             ec2_signature_version="v2",
         )
@@ -167,6 +169,7 @@ def test_cloud_from_a_eucarc_with_sigv2_uploads_registers_and_cleans_up(
     assert cloud.bucket_keys() == [] and cloud.image_ids() == []
     # SigV2 really was used for S3: its Authorization header is "AWS key:signature".
     assert set(cloud.s3_auth_schemes) == {"AWS"}
+    assert all(path.startswith("/services/Walrus/") for _, path, _ in cloud.s3_requests)
     # … and for EC2: SigV2 signs in the query parameters.
     assert {call.get("SignatureVersion") for call in cloud.ec2_calls} == {"2"}
 

@@ -29,7 +29,13 @@ def test_s3_put_and_get_over_http(cloud: StandInCloud) -> None:
     s3.create_bucket(Bucket=cloud.bucket)
     body = os.urandom(100_000)
     s3.put_object(Bucket=cloud.bucket, Key="a/b.part.00", Body=body, ACL="aws-exec-read")
-    assert ("PUT", f"/{cloud.bucket}/a/b.part.00", "aws-exec-read") in cloud.s3_requests
+    # At Eucalyptus 4's path, which botocore keeps in front of the bucket.
+    assert cloud.s3_url.endswith("/services/objectstorage")
+    assert (
+        "PUT",
+        f"/services/objectstorage/{cloud.bucket}/a/b.part.00",
+        "aws-exec-read",
+    ) in cloud.s3_requests
     assert s3.head_object(Bucket=cloud.bucket, Key="a/b.part.00")["ContentLength"] == len(body)
     got = cloud.s3.get_object(Bucket=cloud.bucket, Key="a/b.part.00")["Body"].read()
     assert got == body

@@ -9,11 +9,12 @@ Fixtures:
 
 moto checks nothing about bundles, ignores canned ACLs, and its RegisterImage accepts anything,
 so the endpoints the registrar is given (`cloud.s3_url`, `cloud.ec2_url`) are a small recording
-proxy of ours in front of moto:
+proxy of ours in front of moto, at Eucalyptus' own paths (`/services/objectstorage`,
+`/services/compute`; the 3.x `/services/Walrus` and `/services/Eucalyptus` work too):
 
 - `cloud.ec2_calls`: every EC2 request as a dict of its query parameters, in arrival order
   (to prove what was registered with which KernelId/RamdiskId, and in which order);
-- `cloud.s3_requests`: every S3 request as (method, path, x-amz-acl header), and
+- `cloud.s3_requests`: every S3 request as (method, path as it arrived, x-amz-acl header), and
   `cloud.s3_auth_schemes` the scheme of each one's Authorization header;
 - `cloud.refuse("RegisterImage", code, message)`: answer that action with an EC2 error, the
   way Eucalyptus refuses an invalid manifest or parameter;
@@ -60,6 +61,9 @@ ACCOUNT_ID = "123456789012"  # moto's default account
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing"
 REGION = "us-east-1"
+# The endpoint paths of Eucalyptus 4.x (objectstorage, compute) and 3.x (Walrus, Eucalyptus).
+S3_PATH, EC2_PATH = "/services/objectstorage", "/services/compute"
+SERVICE_PATHS = (S3_PATH, EC2_PATH, "/services/Walrus", "/services/Eucalyptus")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +232,14 @@ class RecordingProxy:
     def _handle(self, handler: http.server.BaseHTTPRequestHandler) -> None:
         length = int(handler.headers.get("Content-Length") or 0)
         body = handler.rfile.read(length) if length else b""
+        # Eucalyptus serves under /services/<name>; moto at the root. Strip what we serve
+        # (the record keeps the path as it arrived).
+        arrived = urllib.parse.urlsplit(handler.path).path
+        for prefix in SERVICE_PATHS:
+            rest = handler.path[len(prefix) :]
+            if handler.path.startswith(prefix) and rest[:1] in ("", "/", "?"):
+                handler.path = rest if rest.startswith("/") else "/" + rest
+                break
         query = urllib.parse.urlsplit(handler.path).query
         params = dict(urllib.parse.parse_qsl(query))
         form = handler.headers.get("Content-Type", "").startswith("application/x-www-form")
@@ -238,8 +250,9 @@ class RecordingProxy:
             if action:
                 self.calls.append(params)
             else:
-                path = urllib.parse.urlsplit(handler.path).path
-                self.s3_requests.append((handler.command, path, handler.headers.get("x-amz-acl")))
+                self.s3_requests.append(
+                    (handler.command, arrived, handler.headers.get("x-amz-acl"))
+                )
                 auth = handler.headers.get("Authorization", "")
                 self.s3_auth_schemes.append(auth.split(" ", 1)[0])
             refusal = self.refusals.get(action) if action else None
@@ -346,8 +359,8 @@ class StandInCloud:
         self._server = server
         self.bucket = bucket
         self.endpoint_url = server.moto.url
-        self.s3_url = server.proxy.url
-        self.ec2_url = server.proxy.url
+        self.s3_url = server.proxy.url + S3_PATH
+        self.ec2_url = server.proxy.url + EC2_PATH
         creds = server.credentials
         self.cloud_cert = creds.cloud_cert
         self.cloud_key = creds.cloud_key
