@@ -306,21 +306,6 @@ def test_calls_proceed_in_parallel() -> None:
     assert results == [ANSWER, ANSWER]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(240)
-def test_call_outlasting_a_minute_is_answered() -> None:
-    # ORCA waits up to 3600 s; the server must not cut a long call. The fake job works for 70 s.
-    done = threading.Event()
-
-    def slow_job(url: str, signature: str) -> str:
-        done.wait(70)
-        return ANSWER
-
-    with running_server(slow_job) as srv:
-        service = _zeep(SOAP11_BINDING, srv.endpoint, timeout=200)
-        assert service.RegisterImage(url="http://o/m", signature=SIG) == ANSWER
-
-
 def test_client_that_hangs_up_mid_call_does_not_disturb_the_server(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
