@@ -29,6 +29,8 @@ from imgstore.store import open_store
 
 log = logging.getLogger(__name__)
 
+STOP_GRACE = 2.0  # seconds running requests get to finish after SIGTERM
+
 
 def notify_systemd(message: bytes) -> None:
     """Send `message` (e.g. b"READY=1") to $NOTIFY_SOCKET if systemd gave us one."""
@@ -145,10 +147,11 @@ async def _serve(cfg: StoreConfig, mountpoint: Path, ready_fd: int | None) -> No
         except RuntimeError as exc:
             raise MountError(f"cannot mount {mountpoint}: {exc}") from None
         try:
-            store.nursery.start_soon(_signals)
-            log.info("mounted %s (cache %s)", mountpoint, cfg.cache_dir)
-            _announce(ready_fd, cfg.cache_dir / "imgstore.log")
-            await pyfuse3.main()
+            with trio.CancelScope() as serving:
+                store.nursery.start_soon(_signals, serving)
+                log.info("mounted %s (cache %s)", mountpoint, cfg.cache_dir)
+                _announce(ready_fd, cfg.cache_dir / "imgstore.log")
+                await pyfuse3.main()
         finally:
             # Unmount before anything else: a live mount without a daemon is the
             # "Transport endpoint is not connected" state we promise never to leave.
@@ -170,10 +173,19 @@ def _announce(ready_fd: int | None, log_path: Path) -> None:
     notify_systemd(b"READY=1")
 
 
-async def _signals() -> None:
+async def _signals(serving: trio.CancelScope) -> None:
+    """On SIGTERM/SIGINT/SIGHUP: stop taking requests, then unmount.
+
+    pyfuse3.terminate() waits for running handlers; a read waiting on a stalled origin could
+    hold the exit for the whole read deadline, longer than systemd's stop timeout. So after a
+    short grace period the handlers are cancelled (their readers get an error).
+    """
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("got %s: unmounting", signal.Signals(signum).name)
             notify_systemd(b"STOPPING=1")
             pyfuse3.terminate()
+            await trio.sleep(STOP_GRACE)
+            log.warning("requests still running after %gs: cancelling them", STOP_GRACE)
+            serving.cancel()
             return

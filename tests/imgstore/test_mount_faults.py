@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import signal
@@ -184,3 +185,22 @@ def test_foreground_mount_tells_systemd_it_is_ready(store, tmp_path):
         m.kill(signal.SIGTERM)
         assert sock.recv(4096) == b"STOPPING=1"
         assert m.wait() == 0
+
+
+def test_sigterm_with_a_read_stuck_on_a_stalled_origin_still_unmounts(store, faulty_origin):
+    from tests.support.faulty import Faults
+
+    data = os.urandom(3 * MiB)
+    sha1 = hashlib.sha1(data).hexdigest()
+    store.add(sha1, faulty_origin.add("a", data))
+    faulty_origin.program("a", then=Faults(stall=120))
+    m = store.mount()
+    reader = subprocess.Popen(
+        ["cat", str(store.file(sha1))], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    faulty_origin.wait_state("a", "paused")  # the read is now provably stuck
+    m.kill(signal.SIGTERM)
+    assert m.wait(timeout=30) == 0  # within the grace period, not the 60 s read deadline
+    _, err = reader.communicate(timeout=30)
+    assert reader.returncode != 0 and err
+    assert not os.path.ismount(store.mountpoint)
