@@ -5,8 +5,16 @@ from __future__ import annotations
 import logging
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from registrar.errors import InvalidSignature, InvalidURL, MetadataError, RequestTooLarge
+from registrar.errors import (
+    InvalidSignature,
+    InvalidURL,
+    MetadataError,
+    RegistrarError,
+    RequestTooLarge,
+)
 from registrar.metadata import MAX_METADATA_BYTES, check_signature, check_url, parse
 
 SRC = "http://origin/meta.xml"
@@ -215,3 +223,57 @@ def test_good_urls_are_trimmed() -> None:
     assert check_url("  https://Origin.example:8443/img/fs.img?x=1 \n") == (
         "https://Origin.example:8443/img/fs.img?x=1"
     )
+
+
+_PIECES = st.sampled_from(
+    [
+        "<images>",
+        "</images>",
+        "<image>",
+        "</image>",
+        "<type>",
+        "</type>",
+        "<url>",
+        "</url>",
+        "<signature>",
+        "</signature>",
+        "FILESYSTEM",
+        "ZFILESYSTEM",
+        "KERNEL",
+        "RAMDISK",
+        "QCOW2",
+        "http://o/x",
+        "ftp://o/x",
+        "http://u:p@o/x",
+        A,
+        "  ",
+        "\n",
+        "&amp;",
+        "&x;",
+        "<!DOCTYPE x>",
+        "<![CDATA[",
+        "]]>",
+        "<!--",
+        "-->",
+        "\x00",
+        "é",
+    ]
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        st.lists(_PIECES, max_size=40).map(lambda parts: "".join(parts).encode()),
+    )
+)
+def test_fuzzed_metadata_raises_only_our_errors(data: bytes) -> None:
+    try:
+        images = parse(data, SRC)
+    except RegistrarError:
+        return
+    assert images.filesystem.type in ("FILESYSTEM", "ZFILESYSTEM")
+    for part in images.parts():
+        assert check_signature(part.sha1) == part.sha1
+        assert check_url(part.url) == part.url

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from lxml import etree
 
 from registrar import xmlsafe
@@ -10,6 +12,7 @@ from registrar.errors import (
     FetchError,
     InvalidSignature,
     MustUnderstandError,
+    RegistrarError,
     RequestError,
     RequestTooLarge,
     SoapVersionMismatch,
@@ -299,3 +302,60 @@ def test_too_large_reply_is_413_with_a_fault() -> None:
     assert reply.status == 413
     fault = _parse_reply(reply.body).find(f"{{{S11}}}Body/{{{S11}}}Fault")
     assert "exceeds 65536 bytes" in fault.findtext("faultstring")
+
+
+_FUZZ_ALPHABET = st.sampled_from(
+    [
+        "<",
+        ">",
+        "/",
+        "=",
+        '"',
+        " ",
+        "&",
+        ";",
+        "!",
+        "?",
+        "[",
+        "]",
+        "s:",
+        "o:",
+        "x",
+        "\x00",
+        "é",
+        "Envelope",
+        "Body",
+        "Header",
+        "RegisterImage",
+        "url",
+        "signature",
+        "DOCTYPE",
+        "ENTITY",
+        f'xmlns:s="{S11}"',
+        f'xmlns:s="{S12}"',
+        f'xmlns:o="{ORCA_NS}"',
+        'mustUnderstand="1"',
+    ]
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        st.lists(_FUZZ_ALPHABET, max_size=60).map(lambda parts: "".join(parts).encode()),
+        st.builds(
+            lambda cut, junk: axis2_envelope(SoapVersion.SOAP11, "http://o/m", SIG)[:cut] + junk,
+            st.integers(0, 330),
+            st.binary(max_size=20),
+        ),
+    ),
+    st.sampled_from([None, "text/xml", 'application/soap+xml; action="urn:RegisterImage"']),
+)
+def test_fuzzed_envelopes_raise_only_our_errors(body: bytes, content_type: str | None) -> None:
+    try:
+        request = parse_request(body, content_type)
+    except RegistrarError as exc:
+        fault_reply(version_for(content_type), exc)  # every error also makes a valid fault
+    else:
+        assert request.url and request.signature
