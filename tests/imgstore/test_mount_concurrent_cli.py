@@ -59,3 +59,39 @@ def test_add_and_ls_from_other_processes_while_a_mount_streams(store, origin, im
     assert "Traceback" not in m.stderr_text()
     assert client.info(store.cache_dir, sha1).state == "verified"
     assert client.info(store.cache_dir, sha1).cached_bytes == 64 * MiB
+
+
+def test_fetch_and_evict_beside_a_running_mount(store, origin, image_factory):
+    blob = image_factory.blob(6 * MiB, seed=52)
+    sha1 = image_factory.sha1(blob)
+    store.add(sha1, origin.put("f.bin", blob))
+    store.mount()
+    # An operator pre-fetches while the mount is up: the mount then serves it without fetching.
+    out = subprocess.run(
+        [*IMGSTORE, "fetch", "--cache-dir", str(store.cache_dir), sha1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    origin.reset_counts()
+    assert store.file(sha1).read_bytes() == blob.read_bytes()
+    assert origin.bytes_sent() == 0
+    # Evicting a blob that a reader holds open is refused; once closed it works.
+    with open(store.file(sha1), "rb"):
+        res = subprocess.run(
+            [*IMGSTORE, "evict", "--cache-dir", str(store.cache_dir), sha1],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert res.returncode == 1 and "open" in res.stderr
+    res = subprocess.run(
+        [*IMGSTORE, "evict", "--cache-dir", str(store.cache_dir), sha1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert client.info(store.cache_dir, sha1).cached_bytes == 0
+    assert store.file(sha1).read_bytes() == blob.read_bytes()  # fetched again, correctly
