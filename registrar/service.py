@@ -29,6 +29,11 @@ is dropped; if that cleanup itself fails the job is marked abandoned, so the nex
 `recover()` at the next start) cleans it up again. A registrar killed mid-job leaves a job whose
 owner is dead; `recover()` and any later claim of that key clean it up the same way.
 
+Known gap: a registrar killed in the instant between the cloud accepting RegisterImage and the
+registry recording the returned id leaves that image registered (its bundle is still deleted, so
+it cannot launch). Closing it needs a DescribeImages by name in cloud.py: the job records the
+name (its bundle folder) before registering.
+
 Lock order: a metadata flight may wait on part flights, never the other way round; no lock is
 held while waiting on a flight or on the cloud.
 """

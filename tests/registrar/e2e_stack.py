@@ -11,7 +11,6 @@ once if the process dies.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import http.client
 import os
 import re
@@ -192,11 +191,3 @@ def stack_factory(
 @pytest.fixture
 def stack(stack_factory: Callable[..., Stack]) -> Stack:
     return stack_factory()
-
-
-def sha1_bytes(data: bytes) -> str:
-    return hashlib.sha1(data).hexdigest()
-
-
-def env_without_proxy() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
