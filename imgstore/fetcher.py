@@ -14,12 +14,13 @@ import dataclasses
 import logging
 import random
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from urllib.parse import urlsplit
 
 import httpx
 import trio
 
+from imgstore.catalog import Url
 from imgstore.errors import BadUrl, OriginChanged, OriginError
 
 log = logging.getLogger(__name__)
@@ -124,18 +125,17 @@ class Origin:
         except httpx.HTTPError as exc:
             raise OriginError(f"{url}: {_describe(exc)}") from exc
 
-    async def fetch_range(
-        self, urls: list[tuple[str, str | None]], start: int, end: int, size: int
-    ) -> bytearray:
+    async def fetch_range(self, urls: Sequence[Url], start: int, end: int, size: int) -> bytearray:
         """Bytes [start, end) of the blob, trying each mirror with bounded retries.
 
-        `urls` pairs each mirror with the ETag it had when probed. Resumes after a broken body
+        Each `Url` carries the ETag its mirror had when probed (and whether it is trusted, for
+        connect-time address rules). Resumes after a broken body
         from the byte where it stopped. Raises OriginChanged, RangeNotSupported, or OriginError
         when every mirror failed.
         """
         buf = bytearray()
         errors: list[str] = []
-        for url, etag in urls:
+        for url, etag in ((u.url, u.etag) for u in urls):
             for attempt in range(1, self.retries + 1):
                 try:
                     await self._range_once(url, etag, start + len(buf), end, size, buf)
@@ -186,7 +186,7 @@ class Origin:
 
     async def stream_whole(
         self,
-        urls: list[tuple[str, str | None]],
+        urls: Sequence[Url],
         size: int,
         consume: Callable[[int, bytes], Awaitable[None]],
     ) -> None:
@@ -196,7 +196,7 @@ class Origin:
         consumer skips what it already has), with the same retry budget as ranges.
         """
         errors: list[str] = []
-        for url, etag in urls:
+        for url, etag in ((u.url, u.etag) for u in urls):
             for attempt in range(1, self.retries + 1):
                 try:
                     await self._whole_once(url, etag, size, consume)

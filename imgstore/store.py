@@ -39,7 +39,7 @@ class Blob:
         self.chunk_size = rec.chunk_size
         self.generation = rec.generation
         self.ranges = rec.ranges
-        self.urls = [(u.url, u.etag) for u in rec.urls]
+        self.urls = list(rec.urls)
         self.state = rec.state
         self.data = data
         self.nchunks = chunk_count(rec.size, rec.chunk_size)
