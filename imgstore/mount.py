@@ -103,7 +103,9 @@ def mount_options(cfg: StoreConfig) -> set[str]:
 
 def run_mount(cfg: StoreConfig, mountpoint: Path, foreground: bool) -> None:
     """Mount and serve until unmounted or signalled; see the module docstring."""
-    mountpoint = mountpoint.resolve() if mountpoint.exists() else mountpoint
+    # abspath, not resolve(): stat on a dead mount fails, and the daemon chdirs to /.
+    mountpoint = Path(os.path.abspath(mountpoint))
+    cfg.cache_dir = Path(os.path.abspath(cfg.cache_dir))
     clean_stale_mount(mountpoint)
     if is_mounted(mountpoint):
         raise MountError(f"{mountpoint} is already mounted")
@@ -124,6 +126,7 @@ def run_mount(cfg: StoreConfig, mountpoint: Path, foreground: bool) -> None:
         return
     os.close(read_end)
     os.setsid()
+    os.chdir("/")  # do not keep the caller's directory busy
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     code = 0
