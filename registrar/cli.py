@@ -3,8 +3,9 @@
 `registrar install-image --config F [--type machine|kernel|ramdisk] [--kernel EKI]
 [--ramdisk ERI] [--arch x86_64] [--name NAME] [--raw] FILE` bundles, uploads and registers one
 local image file (what `euca-install-image` does) and prints the new image id. A compressed
-file (gzip, bzip2, xz/lzma, compress, or a tarball holding `filesystem`) is unpacked first,
-detected by its magic bytes; `--raw` bundles the file as it is. A progress bar shows on a
+machine image (gzip, bzip2, xz/lzma, compress, or a tarball holding `filesystem`) is unpacked
+first, detected by its magic bytes; `--raw` bundles it as it is. Kernels and ramdisks are always
+bundled byte for byte (a ramdisk is usually gzipped on purpose). A progress bar shows on a
 terminal. It is also the quickest way to test the `[cloud]` settings.
 
 The config file is `--config`, else `$IMAGEPROXY_CONFIG`.
@@ -82,7 +83,9 @@ def _add_install_image(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     p.add_argument("--name", help="image name (default: unique, from the file name)")
     p.add_argument(
-        "--raw", action="store_true", help="bundle the file as it is, even if it looks compressed"
+        "--raw",
+        action="store_true",
+        help="bundle a machine image as it is, even if it looks compressed",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log each step")
     p.add_argument("file", metavar="FILE", type=Path, help="the image file")
@@ -134,7 +137,7 @@ def _install_image(args: argparse.Namespace) -> int:
                 kernel_id=args.kernel,
                 ramdisk_id=args.ramdisk,
                 name=args.name,
-                decompress=not args.raw,
+                decompress=args.image_type == "machine" and not args.raw,
                 progress=advance,
             )
     except (ConfigError, InputError, DecompressError) as exc:

@@ -76,6 +76,18 @@ def test_compressed_file_is_unpacked_unless_raw(
     )
 
 
+def test_a_ramdisk_is_bundled_byte_for_byte(
+    cloud: StandInCloud, tmp_path: Path, image_factory: ImageFactory
+) -> None:
+    config = cloud.write_config(tmp_path / "registrar.toml")
+    ramdisk = image_factory.blob(1024 * 1024, seed=13, kind="ramdisk")  # starts like a gzip
+    done = install_image("--config", config, "--type", "ramdisk", ramdisk)
+    assert done.returncode == 0, done.stderr
+    [call] = cloud.calls_of("RegisterImage")
+    checked = check_bundle(cloud, call["ImageLocation"], signed=True)
+    assert (checked.image_type, checked.image_sha1) == ("ramdisk", image_factory.sha1(ramdisk))
+
+
 def test_a_refused_registration_is_one_line_exit_1_and_leaves_nothing(
     cloud: StandInCloud, tmp_path: Path, image_factory: ImageFactory
 ) -> None:
