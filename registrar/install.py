@@ -221,10 +221,15 @@ def install_file(
     kernel_id: str | None = None,
     ramdisk_id: str | None = None,
     name: str | None = None,
-    decompress: bool = True,
+    decompress: bool | None = None,
     progress: Progress | None = None,
 ) -> Installed:
-    """`registrar install-image`: install one local file with the config's cloud and keys."""
+    """`registrar install-image`: install one local file with the config's cloud and keys.
+
+    `decompress` defaults to True for machine images and False for kernels and ramdisks.
+    """
+    if decompress is None:
+        decompress = image_type == "machine"
     cfg = config.require_cloud()
     keys = BundleKeys.load(cfg.cloud_cert, cfg.user_cert, cfg.user_key)
     cloud = Cloud.from_config(config)
