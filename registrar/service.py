@@ -100,6 +100,7 @@ class Settings:
     cache_dir: Path
     mountpoint: Path
     state_dir: Path
+    allowed_networks: tuple[str, ...] = ()  # CIDRs untrusted URLs may reach despite the rules
     arch: str = DEFAULT_ARCH
     compression_level: int = 3
     claim_wait: float = 4 * 3600.0  # longer than any registration ORCA would still wait for
@@ -233,6 +234,7 @@ class Service:
             cache_dir=cache_dir,
             mountpoint=mountpoint,
             state_dir=config.registrar.state_dir,
+            allowed_networks=tuple(str(net) for net in config.registrar.allowed_networks),
             compression_level=cloud_cfg.compression_level,
         )
         return cls(settings, Cloud.from_config(config), keys, cloud_cfg.account_id)
@@ -309,11 +311,17 @@ class Service:
             known = imgstore.info(self.settings.cache_dir, sha1)
         except StoreError:
             known = None
-        if known is not None and known.state != "corrupt" and url in known.urls:
-            # Already declared with this URL: no probe, so a warm cache works without the origin.
+        if known is not None and known.state in ("complete", "verified") and url in known.urls:
+            # Cached whole from this URL: nothing to fetch, so no probe (works without the origin).
             return known
         try:
-            return imgstore.add(self.settings.cache_dir, sha1, [url], trusted=trusted)
+            return imgstore.add(
+                self.settings.cache_dir,
+                sha1,
+                [url],
+                trusted=trusted,
+                allowed_networks=self.settings.allowed_networks,
+            )
         except BadUrl as exc:
             raise InvalidURL(f"{what} URL {url} cannot be used: {exc}") from exc
         except OriginError as exc:
