@@ -4,12 +4,14 @@ Stable interface; every function takes the cache directory and opens the catalog
 is safe to call from any process or thread while a mount is running. The functions block (SQLite,
 and HTTP for `add`); from async code call them in a worker thread (`trio.to_thread.run_sync`).
 
-    add(cache_dir, sha1, urls, *, trusted=True) -> BlobInfo
+    add(cache_dir, sha1, urls, *, trusted=True, allowed_networks=()) -> BlobInfo
         Declare a blob (or add mirrors to it). Probes the first reachable URL with a ranged GET
         to learn the exact size; downloads nothing else. Re-adding a corrupt blob resets it to
-        `remote`. `trusted=False` marks URLs that came from remote users.
+        `remote`. `trusted=False` marks URLs that came from remote users: the probe (and every
+        later fetch by the mount) refuses loopback, link-local and this host's addresses unless
+        in `allowed_networks` (CIDR strings; imgstore/netpolicy.py).
         Raises BadSha1, BadUrl (not http/https), OriginError (no URL reachable, or mirrors
-        disagree about the size).
+        disagree about the size; ForbiddenAddress when the policy refused it).
     info(cache_dir, sha1) -> BlobInfo                  UnknownBlob if never added
     list_blobs(cache_dir) -> list[BlobInfo]
     pin(cache_dir, sha1, owner)                        keeps the blob from eviction
@@ -40,6 +42,7 @@ from imgstore.catalog import BlobRecord, Catalog, Url
 from imgstore.config import StoreConfig
 from imgstore.errors import BadUrl, BlobBusy, OriginError
 from imgstore.fetcher import Origin, Probe, check_url
+from imgstore.netpolicy import NetPolicy
 from imgstore.verify import normalize_sha1
 
 log = logging.getLogger(__name__)
@@ -80,6 +83,7 @@ def add(
     urls: Sequence[str],
     *,
     trusted: bool = True,
+    allowed_networks: Sequence[str] = (),
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     connect_timeout: float = 10.0,
 ) -> BlobInfo:
@@ -88,7 +92,8 @@ def add(
     checked = list(dict.fromkeys(check_url(u) for u in urls))  # in order, no duplicates
     if not checked:
         raise BadUrl("at least one URL is needed")
-    probes = _run_trio(lambda: _probe_all(checked, connect_timeout))
+    policy = None if trusted else NetPolicy.from_cidrs(allowed_networks)
+    probes = _run_trio(lambda: _probe_all(checked, connect_timeout, policy))
     sizes = {p.size for p in probes.values()}
     if len(sizes) > 1:
         raise OriginError(f"mirrors disagree about the size of {sha1}: {sorted(sizes)}")
@@ -149,9 +154,16 @@ def _with_catalog(cache_dir: os.PathLike[str] | str, fn: Callable[[Catalog], T])
         catalog.close()
 
 
-async def _probe_all(urls: list[str], connect_timeout: float) -> dict[str, Probe]:
-    """Probe every URL; at least one must answer. Dead mirrors are logged, not fatal."""
-    origin = Origin(connect_timeout=connect_timeout, read_timeout=30.0)
+async def _probe_all(
+    urls: list[str], connect_timeout: float, policy: NetPolicy | None
+) -> dict[str, Probe]:
+    """Probe every URL; at least one must answer. Dead mirrors are logged, not fatal.
+
+    With a `policy`, the URLs are untrusted and every connection is checked against it.
+    """
+    origin = Origin(connect_timeout=connect_timeout, read_timeout=30.0, policy=policy)
+    if policy is not None:
+        origin.distrust(urls)
     results: dict[str, Probe] = {}
     errors: list[OriginError] = []
     try:

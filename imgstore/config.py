@@ -14,6 +14,9 @@ Keys of `[store]`:
 - `retries`: attempts per URL per chunk, default 4
 - `fs_name`: name shown in /proc/mounts, default "imgstore"
 - `allow_other`: let other users read the mount, default false
+- `allowed_networks`: CIDRs that URLs from remote users (the registrar's SOAP requests) may reach
+  although they are loopback, link-local or this host's (see imgstore/netpolicy.py); default: the
+  same file's `[registrar] allowed_networks`, else []
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from imgstore.errors import ConfigError
+from imgstore.netpolicy import parse_networks
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +95,7 @@ class StoreConfig:
     retries: int = 4
     fs_name: str = "imgstore"
     allow_other: bool = False
+    allowed_networks: tuple[str, ...] = ()
 
 
 _SIZE_KEYS = {"cache_size", "min_free", "chunk_size", "readahead_max"}
@@ -116,6 +121,11 @@ def read_store_section(path: Path | None) -> dict[str, Any]:
     for key in section:
         if key not in _KNOWN:
             raise ConfigError(f"config {path}: unknown key {key!r} in [store]")
+    registrar = data.get("registrar", {})
+    if "allowed_networks" not in section and isinstance(registrar, dict):
+        # One file serves both daemons: the mount enforces what the registrar's operator allowed.
+        if "allowed_networks" in registrar:
+            section = {**section, "allowed_networks": registrar["allowed_networks"]}
     return section
 
 
@@ -133,6 +143,8 @@ def build(values: dict[str, Any]) -> StoreConfig:
             out[key] = _positive(key, float(value))
         elif key in ("cache_dir", "mountpoint"):
             out[key] = Path(value).expanduser()
+        elif key == "allowed_networks":
+            out[key] = tuple(str(n) for n in parse_networks(value, "[store] allowed_networks"))
         elif key == "allow_other":
             if not isinstance(value, bool):
                 raise ConfigError("allow_other must be true or false")

@@ -45,3 +45,7 @@ class BlobBusy(StoreError):
 
 class MountError(StoreError):
     """Raised when the filesystem cannot be mounted or unmounted."""
+
+
+class ForbiddenAddress(OriginError):
+    """Raised when an untrusted URL would connect to an address the network policy refuses."""

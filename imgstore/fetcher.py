@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import random
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from urllib.parse import urlsplit
 
 import httpx
@@ -22,6 +22,7 @@ import trio
 
 from imgstore.catalog import Url
 from imgstore.errors import BadUrl, OriginChanged, OriginError
+from imgstore.netpolicy import NetPolicy, guarded_client
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,13 @@ class _Retry(Exception):
 class Origin:
     """The HTTP client for every origin; one per process."""
 
-    def __init__(self, connect_timeout: float = 10.0, read_timeout: float = 30.0, retries: int = 4):
+    def __init__(
+        self,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 30.0,
+        retries: int = 4,
+        policy: NetPolicy | None = None,
+    ):
         self.retries = retries
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
@@ -93,15 +100,27 @@ class Origin:
             # Ranges of encoded bodies would be ranges of the encoding: ask for the bytes.
             headers={"Accept-Encoding": "identity", "User-Agent": "imgstore"},
         )
+        # URLs from remote users connect only where the policy allows (imgstore/netpolicy.py).
+        self.guarded = guarded_client(policy or NetPolicy(), self.client)
+        self.untrusted: set[str] = set()
+
+    def distrust(self, urls: Iterable[str]) -> None:
+        """Fetch these URLs through the guarded client from now on (any untrusted use wins)."""
+        self.untrusted.update(urls)
+
+    def _client(self, url: str) -> httpx.AsyncClient:
+        return self.guarded if url in self.untrusted else self.client
 
     async def aclose(self) -> None:
         await self.client.aclose()
+        await self.guarded.aclose()
 
     async def probe(self, url: str) -> Probe:
         """Learn a URL's size with a real ranged GET of byte 0, falling back to 200/HEAD."""
         url = check_url(url)
         try:
-            async with self.client.stream("GET", url, headers={"Range": "bytes=0-0"}) as resp:
+            client = self._client(url)
+            async with client.stream("GET", url, headers={"Range": "bytes=0-0"}) as resp:
                 etag = resp.headers.get("ETag")
                 if resp.status_code == 206:
                     cr = parse_content_range(resp.headers.get("Content-Range"))
@@ -117,7 +136,7 @@ class Origin:
                     return Probe(0, etag, True)  # an empty file has no byte 0
                 else:
                     raise OriginError(f"{url}: HTTP {resp.status_code} {resp.reason_phrase}")
-            head = await self.client.head(url)
+            head = await client.head(url)
             length = head.headers.get("Content-Length")
             if head.status_code == 200 and length is not None and length.isdigit():
                 return Probe(int(length), etag, False)
@@ -135,6 +154,7 @@ class Origin:
         """
         buf = bytearray()
         errors: list[str] = []
+        self.distrust(u.url for u in urls if not u.trusted)
         for url, etag in ((u.url, u.etag) for u in urls):
             for attempt in range(1, self.retries + 1):
                 try:
@@ -161,7 +181,7 @@ class Origin:
         if strong_etag(etag):
             headers["If-Range"] = etag  # type: ignore[assignment]
         try:
-            async with self.client.stream("GET", url, headers=headers) as resp:
+            async with self._client(url).stream("GET", url, headers=headers) as resp:
                 _check_status(url, resp)
                 got = resp.headers.get("ETag")
                 if etag and got and got != etag:
@@ -196,6 +216,7 @@ class Origin:
         consumer skips what it already has), with the same retry budget as ranges.
         """
         errors: list[str] = []
+        self.distrust(u.url for u in urls if not u.trusted)
         for url, etag in ((u.url, u.etag) for u in urls):
             for attempt in range(1, self.retries + 1):
                 try:
@@ -222,7 +243,7 @@ class Origin:
     ) -> None:
         offset = 0
         try:
-            async with self.client.stream("GET", url) as resp:
+            async with self._client(url).stream("GET", url) as resp:
                 _check_status(url, resp)
                 got = resp.headers.get("ETag")
                 if etag and got and got != etag:

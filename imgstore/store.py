@@ -23,6 +23,7 @@ from imgstore.chunks import DataFile, chunk_count, chunk_span, chunks_touching
 from imgstore.config import StoreConfig
 from imgstore.errors import BlobCorrupt, CacheFull, OriginError, StoreError
 from imgstore.fetcher import Origin, RangeNotSupported
+from imgstore.netpolicy import NetPolicy
 from imgstore.verify import PrefixHasher
 
 log = logging.getLogger(__name__)
@@ -477,7 +478,8 @@ def _punch_all(data: DataFile) -> None:
 async def open_store(cfg: StoreConfig) -> AsyncIterator[Store]:
     """A Store with its catalog, HTTP client and nursery; everything closed on exit."""
     catalog = await trio.to_thread.run_sync(Catalog, cfg.cache_dir)
-    origin = Origin(cfg.connect_timeout, cfg.read_deadline, cfg.retries)
+    policy = NetPolicy.from_cidrs(cfg.allowed_networks)
+    origin = Origin(cfg.connect_timeout, cfg.read_deadline, cfg.retries, policy)
     try:
         async with trio.open_nursery() as nursery:
             store = Store(cfg, catalog, origin, nursery)
