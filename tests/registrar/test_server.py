@@ -10,6 +10,7 @@ import http.client
 import logging
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -274,7 +275,16 @@ def test_one_log_line_per_request_with_outcome(
 ) -> None:
     caplog.set_level(logging.INFO, logger="registrar.server")
     _zeep(SOAP11_BINDING, srv.endpoint).RegisterImage(url="http://o/m", signature=SIG)
-    lines = [r.getMessage() for r in caplog.records if r.name == "registrar.server"]
+
+    def logged() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "registrar.server"]
+
+    # The line is written once the answer is sent, which may be just after zeep has it.
+    deadline = time.monotonic() + 30
+    while not logged():
+        assert time.monotonic() < deadline, "no request log line within 30 s"
+        time.sleep(0.01)
+    lines = logged()
     assert len(lines) == 1
     assert "POST /axis2/services/IMAGEPROXY -> 200" in lines[0]
     assert f"RegisterImage(http://o/m, {SIG}) over SOAP 1.1" in lines[0]
