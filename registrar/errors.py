@@ -1,4 +1,4 @@
-"""The registrar's exceptions: one hierarchy, translated to SOAP faults or CLI errors at the edge."""
+"""The registrar's exceptions: one hierarchy, turned into SOAP faults or CLI errors at the edge."""
 
 from __future__ import annotations
 
