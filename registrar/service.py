@@ -103,6 +103,7 @@ class Settings:
     allowed_networks: tuple[str, ...] = ()  # CIDRs untrusted URLs may reach despite the rules
     arch: str = DEFAULT_ARCH
     compression_level: int = 3
+    max_bundles: int = 2  # images bundled at once; each takes a few cores and up to ~80 MiB
     claim_wait: float = 4 * 3600.0  # longer than any registration ORCA would still wait for
     claim_poll: float = 0.5
 
@@ -220,6 +221,7 @@ class Service:
         self.account_id = account_id
         self.registry = registry or Registry(settings.state_dir)
         self._flights = _Flights()
+        self._bundle_slots = threading.BoundedSemaphore(settings.max_bundles)
         self._jobs = 0
         self._jobs_lock = threading.Lock()
         pid = os.getpid()
@@ -467,34 +469,12 @@ class Service:
             image_id: str | None = None
             try:
                 upload = self.cloud.start_upload(folder)
-                report = None
-                if progress is not None:
-                    done = [0]
-
-                    def report(n: int) -> None:
-                        done[0] += n
-                        progress(f"{part.type} {part.sha1[:12]}", done[0], blob.size)
-
-                with self._open_blob(part.sha1, part.url, what) as source:
-                    manifest = bundle_image(
-                        source,
-                        name=folder,
-                        prefix=folder,
-                        image_type=kind,
-                        arch=self.settings.arch,
-                        expected_sha1=part.sha1,
-                        keys=self.keys,
-                        account_id=self.account_id,
-                        part_sink=upload.put_part,
-                        kernel_id=kernel_id or None,
-                        ramdisk_id=ramdisk_id or None,
-                        # A filesystem may come compressed (ZFILESYSTEM, or a gzipped FILESYSTEM);
-                        # kernels and ramdisks are registered byte for byte.
-                        decompress=kind == "machine",
-                        compression_level=self.settings.compression_level,
-                        progress=report,
+                # A slot bounds the CPU and memory of bundling; waiting for "available" below
+                # holds none.
+                with self._bundle_slots:
+                    location = self._bundle(
+                        part, kind, folder, upload, kernel_id, ramdisk_id, blob.size, progress
                     )
-                location = upload.finish(manifest)
                 image_id = self.cloud.register(
                     location,
                     name=folder,
@@ -518,6 +498,47 @@ class Service:
             return image_id
         finally:
             imgstore.unpin(self.settings.cache_dir, part.sha1, owner)
+
+    def _bundle(
+        self,
+        part: Part,
+        kind: str,
+        folder: str,
+        upload: BundleUpload,
+        kernel_id: str,
+        ramdisk_id: str,
+        size: int,
+        progress: Progress | None,
+    ) -> str:
+        """Stream the part from the mount through the bundler into `upload`; return its location."""
+        report = None
+        if progress is not None:
+            done = [0]
+
+            def report(n: int) -> None:
+                done[0] += n
+                progress(f"{part.type} {part.sha1[:12]}", done[0], size)
+
+        with self._open_blob(part.sha1, part.url, f"{part.type} image") as source:
+            manifest = bundle_image(
+                source,
+                name=folder,
+                prefix=folder,
+                image_type=kind,
+                arch=self.settings.arch,
+                expected_sha1=part.sha1,
+                keys=self.keys,
+                account_id=self.account_id,
+                part_sink=upload.put_part,
+                kernel_id=kernel_id or None,
+                ramdisk_id=ramdisk_id or None,
+                # A filesystem may come compressed (ZFILESYSTEM, or a gzipped FILESYSTEM);
+                # kernels and ramdisks are registered byte for byte.
+                decompress=kind == "machine",
+                compression_level=self.settings.compression_level,
+                progress=report,
+            )
+        return upload.finish(manifest)
 
     # --- cleanup ---
 
