@@ -10,6 +10,8 @@ and bad values in our two sections are refused with a ConfigError naming the key
 - `state_dir`: where the registry lives (default "/var/lib/imageproxy")
 - `allowed_networks`: CIDRs exempt from the refusal of loopback, link-local and own
   addresses for URLs that arrive by SOAP (default [])
+- `allowed_clients`, `tls_cert`, `tls_key`, `auth_user`, `auth_password`: who may use the
+  listener (see registrar/access.py)
 
 `[cloud]` (explicit keys override what a `eucarc` gives):
 
@@ -42,6 +44,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from registrar.access import ACCESS_KEYS, Access, parse_access
 from registrar.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,16 @@ class RegistrarConfig:
     bucket: str = "imageproxy.bukkit"
     state_dir: Path = Path("/var/lib/imageproxy")
     allowed_networks: tuple[IPNetwork, ...] = ()
+    # Who may use the listener; the same fields as registrar.access.Access.
+    allowed_clients: tuple[IPNetwork, ...] = ()
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    auth_user: str = ""
+    auth_password: str = dataclasses.field(default="", repr=False)
+
+    @property
+    def access(self) -> Access:
+        return Access(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Access)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +146,8 @@ def _section(data: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def _parse_registrar(section: dict[str, Any], base_dir: Path) -> RegistrarConfig:
-    keys = _Keys("registrar", section, {"listen", "bucket", "state_dir", "allowed_networks"})
+    known = {"listen", "bucket", "state_dir", "allowed_networks", *ACCESS_KEYS}
+    keys = _Keys("registrar", section, known)
     listen = keys.string("listen", RegistrarConfig.listen)
     host, port = _parse_listen(listen)
     networks = keys.get("allowed_networks", [])
@@ -152,6 +166,7 @@ def _parse_registrar(section: dict[str, Any], base_dir: Path) -> RegistrarConfig
         bucket=keys.string("bucket", RegistrarConfig.bucket, check=_check_bucket),
         state_dir=keys.path("state_dir", base_dir) or RegistrarConfig.state_dir,
         allowed_networks=tuple(parsed),
+        **dataclasses.asdict(parse_access(section, base_dir)),
     )
 
 

@@ -240,10 +240,15 @@ async def _reply(send: Send, reply: soap.Reply) -> int:
     return await _respond(send, reply.status, reply.content_type, reply.body)
 
 
-def hypercorn_config(listen: str) -> Config:
-    """Hypercorn settings for ORCA's long calls: no read timeout, logs through `logging`."""
+def hypercorn_config(listen: str, tls: tuple[str, str] | None = None) -> Config:
+    """Hypercorn settings for ORCA's long calls: no read timeout, logs through `logging`.
+
+    `tls` is (certfile, keyfile): the listener then speaks HTTPS only.
+    """
     config = Config()
     config.bind = [listen]
+    if tls is not None:
+        config.certfile, config.keyfile = tls
     # Off, so a call that takes up to ORCA's 3600 s (or longer) is never cut by the server.
     config.read_timeout = None
     # Only between requests on an idle connection; Axis2's HTTP client reconnects when needed.
@@ -261,12 +266,13 @@ async def serve(
     *,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+    tls: tuple[str, str] | None = None,
 ) -> None:
     """Serve `app` on `listen` ("HOST:PORT"; port 0 picks one) until `shutdown_trigger` returns.
 
     Reports the bound URLs (e.g. ["http://127.0.0.1:8080"]) through `task_status` once listening.
     """
-    config = hypercorn_config(listen)
+    config = hypercorn_config(listen, tls)
     trigger = shutdown_trigger or trio.sleep_forever
     log.debug("serving on %s; read timeout %s", listen, config.read_timeout or math.inf)
     await hypercorn_serve(app, config, shutdown_trigger=trigger, task_status=task_status)

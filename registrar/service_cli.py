@@ -30,6 +30,7 @@ from imgstore.config import load as load_store_config
 from imgstore.errors import StoreError
 from registrar import config as registrar_config
 from registrar import server
+from registrar.access import Guard
 from registrar.errors import ConfigError, InputError, RegistrarError, RequestError
 from registrar.properties import answer_text
 from registrar.registry import Registry
@@ -174,7 +175,7 @@ def _notify_systemd(message: bytes) -> None:
         sock.sendall(message)
 
 
-async def _serve(app: server.App, listen: str) -> None:
+async def _serve(app: Guard, listen: str, tls: tuple[str, str] | None = None) -> None:
     stop = trio.Event()
 
     async def on_signals() -> None:
@@ -186,7 +187,8 @@ async def _serve(app: server.App, listen: str) -> None:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(on_signals)
-        binds = await nursery.start(partial(server.serve, app, listen, shutdown_trigger=stop.wait))
+        serve = partial(server.serve, app, listen, shutdown_trigger=stop.wait, tls=tls)
+        binds = await nursery.start(serve)
         log.info("SOAP service listening on %s%s", binds[0], server.SERVICE)
         _notify_systemd(b"READY=1")
         await stop.wait()
@@ -200,8 +202,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cleaned = service.recover()
         if cleaned:
             log.info("cleaned up %d registrations a previous run left half done", cleaned)
-        app = server.App(service.answer_text)
-        trio.run(_serve, app, config.registrar.listen)
+        access = config.registrar.access
+        app = Guard(server.App(service.answer_text), access)  # 403/401 before the app
+        trio.run(_serve, app, config.registrar.listen, access.tls)
     finally:
         service.close()
     return EXIT_OK
