@@ -331,6 +331,18 @@ class Service:
         except StoreError as exc:
             raise FetchError(f"imgstore cannot take {what} at {url}: {exc}") from exc
 
+    def _blob_state(self, sha1: str, blob: imgstore.BlobInfo | None) -> str:
+        """The blob's state as the mount sees it now (its xattr), else as the catalog has it.
+
+        The mount fails a read the moment its verification fails, a little before the catalog
+        records the verdict; its `user.imgstore.state` xattr is never behind.
+        """
+        try:
+            path = self.settings.mountpoint / "by-sha1" / sha1
+            return os.getxattr(path, "user.imgstore.state").decode()
+        except OSError:
+            return blob.state if blob is not None else "unknown"
+
     def _read_error(self, sha1: str, url: str, what: str) -> Callable[[OSError], RegistrarError]:
         def translate(exc: OSError) -> RegistrarError:
             try:
@@ -338,7 +350,7 @@ class Service:
             except StoreError:
                 blob = None
             reason = getattr(blob, "error", None) or ""  # imgstore's verdict, when it gives one
-            if blob is not None and blob.state == "corrupt":
+            if self._blob_state(sha1, blob) == "corrupt":
                 computed = _SHA1_IN_TEXT.search(reason)
                 got = (
                     f"computed signature {computed.group(0)}"
