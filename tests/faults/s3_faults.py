@@ -5,6 +5,10 @@
 of the step named by `refuse` ("bucket create": PUT of the bucket; "part upload": PUT of a
 `*.part.NN` key; "manifest upload": PUT of a `*.manifest.xml` key), which get an S3
 `403 AccessDenied` error document (403 so botocore does not retry). `refused` counts them.
+
+`hold = "manifest upload"` (any step) instead parks those requests: `held` is set when one
+arrives, and each is answered 503 without being forwarded once `release` is set (as a store
+that never completed an upload whose client died).
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ class S3Faults:
         self.upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.refuse: str | None = None
         self.refused = 0
+        self.hold: str | None = None
+        self.held = threading.Event()
+        self.release = threading.Event()
         self._lock = threading.Lock()
         owner = self
 
@@ -32,6 +39,11 @@ class S3Faults:
             def _any(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                if owner._kind(self.command, self.path) == owner.hold is not None:
+                    owner.held.set()
+                    owner.release.wait(120)
+                    self._send(503, [], b"")
+                    return
                 step = owner._step(self.command, self.path)
                 if step is not None:
                     with owner._lock:
@@ -77,21 +89,25 @@ class S3Faults:
         self._thread.start()
 
     def _step(self, method: str, path: str) -> str | None:
-        if method != "PUT" or self.refuse is None:
+        kind = self._kind(method, path)
+        return kind if kind is not None and kind == self.refuse else None
+
+    @staticmethod
+    def _kind(method: str, path: str) -> str | None:
+        if method != "PUT":
             return None
         key = urlsplit(path).path.rstrip("/")  # path-style: /services/objectstorage/bucket/...
         last = key.rsplit("/", 1)[-1]
         if key.count("/") == 3:  # /services/objectstorage/<bucket>
-            kind = "bucket create"
-        elif ".part." in last:
-            kind = "part upload"
-        elif last.endswith(".manifest.xml"):
-            kind = "manifest upload"
-        else:
-            kind = None
-        return self.refuse if kind == self.refuse else None
+            return "bucket create"
+        if ".part." in last:
+            return "part upload"
+        if last.endswith(".manifest.xml"):
+            return "manifest upload"
+        return None
 
     def close(self) -> None:
+        self.release.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)

@@ -8,6 +8,9 @@ object and no image is registered (both listed to prove it). Then the same reque
 
 from __future__ import annotations
 
+import signal
+import threading
+
 import pytest
 import zeep.exceptions
 
@@ -85,3 +88,46 @@ def test_each_cloud_step_failing_is_a_fault_naming_it_and_leaves_nothing(
     )
     assert stack.cloud.bucket_keys() == keys_before
     assert stack.cloud.image_ids() == images_before
+
+
+def test_registrar_killed_mid_bundle_leaves_no_orphans_and_the_request_is_redone(
+    stack: Stack, s3_faults: S3Faults, origin: Origin, image_factory: ImageFactory
+) -> None:
+    images = image_factory.publish(
+        origin, size_mib=16, fs_format="raw", kernel=False, ramdisk=False
+    )
+    set_keys(stack, "cloud", s3_url=s3_faults.url + S3_PATH)
+    s3_faults.hold = "manifest upload"  # the parts are in the bucket by then
+    registrar = stack.start()
+    outcome: list[BaseException | str] = []
+
+    def call() -> None:
+        try:
+            outcome.append(
+                stack.zeep(registrar).RegisterImage(
+                    url=images.metadata_url, signature=images.metadata_sha1
+                )
+            )
+        except BaseException as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert s3_faults.held.wait(60), "no manifest upload arrived"
+    assert any(".part." in key for key in stack.cloud.bucket_keys())
+    registrar.stop(signal.SIGKILL)  # mid-bundle: parts uploaded, the manifest in flight
+    caller.join(60)
+    assert outcome and not isinstance(outcome[0], str)
+    s3_faults.hold = None
+    s3_faults.release.set()
+
+    restarted = stack.start()
+    # Before listening, the new registrar deleted the dead one's parts.
+    assert stack.cloud.bucket_keys() == [] and stack.cloud.image_ids() == []
+    assert "cleaned up 1 registrations" in restarted.log_text()
+    text = stack.zeep(restarted).RegisterImage(
+        url=images.metadata_url, signature=images.metadata_sha1
+    )
+    assert text.startswith("FILESYSTEM=")
+    assert len(stack.cloud.image_ids()) == 1
+    assert len({key.split("/", 1)[0] for key in stack.cloud.bucket_keys()}) == 1
