@@ -24,6 +24,7 @@ from imgstore.errors import BlobBusy, CacheFull, UnknownBlob
 log = logging.getLogger(__name__)
 
 BLOCK = 4096
+METADATA_SLACK = 2 * BLOCK
 
 Runner = Callable[..., Awaitable[Any]]
 
@@ -56,7 +57,10 @@ class Budget:
     @contextlib.asynccontextmanager
     async def reserve(self, sha1: str, length: int) -> AsyncIterator[None]:
         """Make room for `length` more bytes of `sha1` and hold it until the write is counted."""
-        need = round_up(length)
+        # A data write can also allocate filesystem metadata (an ext4 extent-tree block, an
+        # indirect block): reserve two blocks beyond the data so the total never overshoots.
+        # After the write, the file's real st_blocks replaces the estimate.
+        need = round_up(length) + METADATA_SLACK
         async with self._lock:
             await self._make_room(sha1, need)
             self.reserved += need
