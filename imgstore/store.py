@@ -77,12 +77,15 @@ class Handle:
 
     blob: Blob
     covered: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    # Reads of this handle still in progress count as covered when deciding whether a read
+    # completes the handle: of two concurrent reads, the later one is gated.
+    pending: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     next_off: int = 0
     window: int = 0
 
     def would_complete(self, start: int, end: int) -> bool:
         """True if reading [start, end) makes this handle's reads cover the whole blob."""
-        return _covers(_merge([*self.covered, (start, end)]), self.blob.size)
+        return _covers(_merge([*self.covered, *self.pending, (start, end)]), self.blob.size)
 
     def add(self, start: int, end: int) -> None:
         self.covered = _merge([*self.covered, (start, end)])
@@ -220,13 +223,18 @@ class Store:
         if off >= end:
             return b""
         self._readahead(handle, off, end)
-        if blob.state != "verified" and handle.would_complete(off, end):
-            await self._verified(blob)
-        else:
-            touched = list(chunks_touching(off, end - off, blob.size, blob.chunk_size))
-            with self._deadline(blob, f"bytes {off}-{end - 1}"):
-                await self._ensure(blob, touched)
-        data = await self._io(blob.data.pread, off, end - off)
+        gated = blob.state != "verified" and handle.would_complete(off, end)
+        handle.pending.append((off, end))
+        try:
+            if gated:
+                await self._verified(blob)
+            else:
+                touched = list(chunks_touching(off, end - off, blob.size, blob.chunk_size))
+                with self._deadline(blob, f"bytes {off}-{end - 1}"):
+                    await self._ensure(blob, touched)
+            data = await self._io(blob.data.pread, off, end - off)
+        finally:
+            handle.pending.remove((off, end))
         # Verification may have failed (and the bytes been dropped) while pread ran.
         if blob.state == "corrupt":
             raise BlobCorrupt(f"blob {blob.sha1} failed verification; re-add it")

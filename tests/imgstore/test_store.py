@@ -180,3 +180,29 @@ async def test_a_deleted_cache_file_is_fetched_again_not_served_as_zeros(tmp_pat
     async with open_store(config(tmp_path)) as store:
         assert await read_all(store, sha1) == data
     assert origin.bytes_sent("a.bin") == len(data)
+
+
+@pytest.mark.trio
+async def test_concurrent_reads_on_one_handle_cannot_slip_past_the_gate(tmp_path, origin):
+    good = os.urandom(2 * MiB)
+    bad = bytearray(good)
+    bad[MiB + 5] ^= 1
+    sha1 = hashlib.sha1(good).hexdigest()
+    client.add(tmp_path, sha1, [origin.put("bad.bin", bytes(bad))], chunk_size=CHUNK)
+    outcomes: list[str] = []
+    async with open_store(config(tmp_path)) as store:
+        handle = await store.open(sha1)
+
+        async def read(off: int, size: int) -> None:
+            try:
+                await store.read(handle, off, size)
+                outcomes.append("served")
+            except BlobCorrupt:
+                outcomes.append("corrupt")
+
+        # Two halves at once: neither alone completes the handle, together they do.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read, 0, MiB)
+            nursery.start_soon(read, MiB, MiB)
+        await store.release(handle)
+    assert "corrupt" in outcomes  # never both halves of wrong bytes
