@@ -261,8 +261,9 @@ class Service:
     ) -> Answer:
         """Register the image set described at `url` (whose SHA-1 is `signature`).
 
-        `trusted` marks URLs typed by the operator (`registrar register`) rather than received
-        over SOAP. Raises a RegistrarError subclass saying what failed and why.
+        `trusted` marks a metadata URL typed by the operator (`registrar register`) rather
+        than received over SOAP; the part URLs inside the metadata are never trusted. Raises a
+        RegistrarError subclass saying what failed and why.
         """
         url = check_url(url, "metadata URL")
         sha1 = check_signature(signature, "metadata signature")
@@ -281,12 +282,10 @@ class Service:
         # Kernel and ramdisk in parallel (each waits for "available"), then the machine image,
         # which names both. Both run to the end even if one fails: a registered part is kept.
         kernel_id, ramdisk_id = _in_parallel(
-            lambda: self._part(images.kernel, "kernel", "", "", trusted, progress),
-            lambda: self._part(images.ramdisk, "ramdisk", "", "", trusted, progress),
+            lambda: self._part(images.kernel, "kernel", "", "", progress),
+            lambda: self._part(images.ramdisk, "ramdisk", "", "", progress),
         )
-        machine_id = self._part(
-            images.filesystem, "machine", kernel_id, ramdisk_id, trusted, progress
-        )
+        machine_id = self._part(images.filesystem, "machine", kernel_id, ramdisk_id, progress)
         answer = Answer(sha1, url, machine_id, kernel_id, ramdisk_id)
         self.registry.save_answer(answer)
         log.info(
@@ -397,14 +396,13 @@ class Service:
         kind: str,
         kernel_id: str,
         ramdisk_id: str,
-        trusted: bool,
         progress: Progress | None,
     ) -> str:
         if part is None:
             return ""
         key = image_key(kind, part.sha1, kernel_id, ramdisk_id)
         return self._flights.run(
-            key, lambda: self._part_once(key, part, kind, kernel_id, ramdisk_id, trusted, progress)
+            key, lambda: self._part_once(key, part, kind, kernel_id, ramdisk_id, progress)
         )
 
     def _part_once(
@@ -414,7 +412,6 @@ class Service:
         kind: str,
         kernel_id: str,
         ramdisk_id: str,
-        trusted: bool,
         progress: Progress | None,
     ) -> str:
         owner = self._claim(key)
@@ -423,7 +420,7 @@ class Service:
             assert image is not None
             return image.image_id
         try:
-            return self._build(key, part, kind, kernel_id, ramdisk_id, owner, trusted, progress)
+            return self._build(key, part, kind, kernel_id, ramdisk_id, owner, progress)
         except BaseException:
             job = self.registry.job(key)
             if job is not None and job.owner == owner and job.owner_alive():
@@ -468,11 +465,11 @@ class Service:
         kernel_id: str,
         ramdisk_id: str,
         owner: str,
-        trusted: bool,
         progress: Progress | None,
     ) -> str:
         what = f"{part.type} image"
-        blob = self._add(part.sha1, part.url, what, trusted)
+        # Part URLs come from the metadata file, written by a remote user: never trusted.
+        blob = self._add(part.sha1, part.url, what, trusted=False)
         imgstore.pin(self.settings.cache_dir, part.sha1, owner)
         try:
             folder = names.unique_name(_label(part.url, kind), part.sha1)
