@@ -95,3 +95,26 @@ def test_fetch_and_evict_beside_a_running_mount(store, origin, image_factory):
     assert res.returncode == 0, res.stderr
     assert client.info(store.cache_dir, sha1).cached_bytes == 0
     assert store.file(sha1).read_bytes() == blob.read_bytes()  # fetched again, correctly
+
+
+def test_verify_leaves_a_blob_that_a_mount_has_open(store, origin, image_factory):
+    blob = image_factory.blob(2 * MiB, seed=53)
+    sha1 = image_factory.sha1(blob)
+    store.add(sha1, origin.put("v.bin", blob))
+    store.mount()
+    with open(store.file(sha1), "rb") as f:
+        assert f.read() == blob.read_bytes()
+        res = subprocess.run(
+            [*IMGSTORE, "verify", "--cache-dir", str(store.cache_dir), sha1],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert res.returncode == 1 and "not verified now" in res.stdout
+    res = subprocess.run(
+        [*IMGSTORE, "verify", "--cache-dir", str(store.cache_dir), sha1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0 and f"{sha1} verified" in res.stdout
