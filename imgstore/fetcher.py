@@ -116,7 +116,11 @@ class Origin:
         await self.guarded.aclose()
 
     async def probe(self, url: str) -> Probe:
-        """Learn a URL's size with a real ranged GET of byte 0, falling back to 200/HEAD."""
+        """Learn a URL's exact size, its ETag and whether Range works.
+
+        A real ranged GET of byte 0 (206 + Content-Range); else the 200's or HEAD's
+        Content-Length; else (a chunked server ignoring Range) the body is counted once.
+        """
         url = check_url(url)
         try:
             client = self._client(url)
@@ -140,9 +144,24 @@ class Origin:
             length = head.headers.get("Content-Length")
             if head.status_code == 200 and length is not None and length.isdigit():
                 return Probe(int(length), etag, False)
-            raise OriginError(f"{url}: the server tells neither Content-Range nor Content-Length")
+            return Probe(await self._count_body(client, url), etag, False)
         except httpx.HTTPError as exc:
             raise OriginError(f"{url}: {_describe(exc)}") from exc
+
+    async def _count_body(self, client: httpx.AsyncClient, url: str) -> int:
+        """The last resort for a size: no Range, no Content-Length, not even from HEAD.
+
+        The original ImageProxy failed on such servers. Reading the body once is the only way
+        to know its length; the bytes are discarded (the cache will fetch them when read).
+        """
+        log.warning("%s tells no size (no Range, no Content-Length): reading it to count", url)
+        total = 0
+        async with client.stream("GET", url) as resp:
+            if resp.status_code != 200:
+                raise OriginError(f"{url}: HTTP {resp.status_code} {resp.reason_phrase}")
+            async for piece in resp.aiter_raw(_READ_PIECE):
+                total += len(piece)
+        return total
 
     async def fetch_range(self, urls: Sequence[Url], start: int, end: int, size: int) -> bytearray:
         """Bytes [start, end) of the blob, trying each mirror with bounded retries.

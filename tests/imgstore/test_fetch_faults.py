@@ -147,3 +147,18 @@ async def test_a_stalled_origin_fails_within_the_deadline_and_others_still_work(
                 await store.read(handle, 0, 4096)
             await store.release(handle)
             assert await read_all(store, other_sha1) == other
+
+
+@pytest.mark.trio
+async def test_chunked_origin_ignoring_range_still_works(tmp_path, faulty_origin):
+    # The original ImageProxy failed without Content-Length. Here the probe's 200 has none
+    # either, so the size comes from HEAD, and the body is streamed once.
+    data = os.urandom(3 * MiB + 1)
+    sha1 = hashlib.sha1(data).hexdigest()
+    faulty_origin.add("a", data)
+    faulty_origin.program("a", ignore_range=True, chunked=True)
+    info = client.add(tmp_path, sha1, [faulty_origin.url("a")], chunk_size=CHUNK)
+    assert info.size == len(data)
+    async with open_store(config(tmp_path)) as store:
+        assert await read_all(store, sha1) == data
+    assert client.info(tmp_path, sha1).state == "verified"
