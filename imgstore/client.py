@@ -19,7 +19,8 @@ and HTTP for `add`); from async code call them in a worker thread (`trio.to_thre
     unpin_owner_prefix(cache_dir, prefix) -> int       e.g. clear a crashed registrar's pins
 
     BlobInfo: sha1, size, cached_bytes, state (remote|partial|complete|verified|corrupt),
-              urls (tuple of str), pins (tuple of owner str), last_used (Unix time)
+              urls (tuple of str), pins (tuple of owner str), last_used (Unix time),
+              error (why it is corrupt, e.g. "content has SHA-1 <hex>"; else None)
 
 The blob's bytes are read through the mount: MOUNTPOINT/by-sha1/<sha1>. All errors derive
 from imgstore.errors.StoreError.
@@ -63,6 +64,7 @@ class BlobInfo:
     urls: tuple[str, ...]
     pins: tuple[str, ...]
     last_used: float
+    error: str | None = None  # why it is corrupt, e.g. "content has SHA-1 <hex>"
 
     @classmethod
     def from_record(cls, rec: BlobRecord) -> BlobInfo:
@@ -74,6 +76,7 @@ class BlobInfo:
             urls=tuple(u.url for u in rec.urls),
             pins=rec.pins,
             last_used=rec.last_used,
+            error=rec.error,
         )
 
 
