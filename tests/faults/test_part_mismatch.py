@@ -20,7 +20,7 @@ from tests.support.origin import Origin
 stack, stack_factory = e2e_stack.stack, e2e_stack.stack_factory  # fixtures
 
 
-def test_part_sha1_mismatch_names_the_part_and_both_hashes(
+def test_sha1_mismatch_names_the_part_and_both_hashes(
     stack: Stack, origin: Origin, image_factory: ImageFactory
 ) -> None:
     images = image_factory.publish(
@@ -41,6 +41,15 @@ def test_part_sha1_mismatch_names_the_part_and_both_hashes(
     assert stack.cloud.bucket_keys() == [] and stack.cloud.image_ids() == []
     listed = stack.imgstore_ls()[claimed]
     assert listed["state"] == "corrupt" and listed["cached_bytes"] == 0
+
+    # The metadata itself, the same way.
+    with pytest.raises(zeep.exceptions.Fault) as caught:
+        service.RegisterImage(url=images.metadata_url, signature="0" * 40)
+    assert caught.value.message == (
+        f"signature {'0' * 40} does not match computed signature {images.metadata_sha1} "
+        f"for metadata at {images.metadata_url}"
+    )
+    assert stack.cloud.bucket_keys() == [] and stack.cloud.image_ids() == []
 
     text = service.RegisterImage(url=images.metadata_url, signature=images.metadata_sha1)
     assert text.startswith("FILESYSTEM=")

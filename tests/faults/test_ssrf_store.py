@@ -221,3 +221,43 @@ def test_mount_refuses_untrusted_blob_at_connect_time(tmp_path: Path, origin, fu
     config.write_text(config.read_text() + '\n[registrar]\nallowed_networks = ["127.0.0.0/8"]\n')
     fuse_mount([*IMGSTORE, "mount", "--foreground", "--config", str(config), str(mnt)], mnt)
     assert (mnt / "by-sha1" / _blob(hostile)).read_bytes() == hostile
+
+
+def test_https_keeps_the_name_for_sni_and_certificate_checks(tmp_path: Path, monkeypatch) -> None:
+    """HTTPS to the checked address: the certificate is verified against the URL's name."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("images.example")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_ctx)
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    srv.hosts = []  # type: ignore[attr-defined]
+    srv.socket = server_ctx.wrap_socket(srv.socket, server_side=True)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    port = srv.server_address[1]
+
+    async def fake_getaddrinfo(host: str, port: int, **kw: object) -> list[tuple]:
+        assert host == "images.example"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+    monkeypatch.setattr(netpolicy.anyio, "getaddrinfo", fake_getaddrinfo)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+
+    async def get(url: str) -> httpx.Response:
+        transport = netpolicy.GuardedTransport(NetPolicy.from_cidrs(LOOPBACK), verify=client_ctx)
+        async with httpx.AsyncClient(transport=transport) as c:
+            return await c.get(url)
+
+    try:
+        resp = trio.run(get, f"https://images.example:{port}/x")
+        assert (resp.status_code, resp.text) == (200, "hello")
+        assert srv.hosts == [f"images.example:{port}"]  # type: ignore[attr-defined]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
