@@ -43,6 +43,9 @@ class Budget:
         self._io = io
         self.allocated: dict[str, int] = {}
         self.reserved = 0
+        # What this process evicted, for imgstore/metrics.py.
+        self.evictions = 0
+        self.evicted_bytes = 0
         # Held while deciding and evicting, so two reservations never count the same room.
         self._lock = trio.Lock()
 
@@ -120,6 +123,8 @@ class Budget:
             except BlobBusy:
                 continue
             self.allocated[sha1] = 0
+            self.evictions += 1
+            self.evicted_bytes += freed
             log.info("evicted blob %s (%s) to make room", sha1, human_size(freed))
             return sha1
         return None

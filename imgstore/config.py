@@ -17,6 +17,8 @@ Keys of `[store]`:
 - `allowed_networks`: CIDRs that URLs from remote users (the registrar's SOAP requests) may reach
   although they are loopback, link-local or this host's (see imgstore/netpolicy.py); default: the
   same file's `[registrar] allowed_networks`, else []
+- `metrics_listen`: "HOST:PORT" where the mount answers `GET /metrics` (Prometheus text); default
+  "" (off). See imgstore/metrics.py
 """
 
 from __future__ import annotations
@@ -96,6 +98,7 @@ class StoreConfig:
     fs_name: str = "imgstore"
     allow_other: bool = False
     allowed_networks: tuple[str, ...] = ()
+    metrics_listen: str = ""
 
 
 _SIZE_KEYS = {"cache_size", "min_free", "chunk_size", "readahead_max"}

@@ -22,6 +22,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from imgstore import metrics
 from imgstore.config import StoreConfig
 from imgstore.errors import MountError
 from imgstore.fs import Operations
@@ -144,7 +145,10 @@ def run_mount(cfg: StoreConfig, mountpoint: Path, foreground: bool) -> None:
 
 
 async def _serve(cfg: StoreConfig, mountpoint: Path, ready_fd: int | None) -> None:
+    listener = await metrics.bind(cfg.metrics_listen) if cfg.metrics_listen else None
     async with open_store(cfg) as store:
+        if listener is not None:
+            await store.nursery.start(metrics.serve, store.metrics, listener)
         try:
             pyfuse3.init(Operations(store), str(mountpoint), mount_options(cfg))
         except RuntimeError as exc:

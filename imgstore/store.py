@@ -23,6 +23,7 @@ from imgstore.chunks import DataFile, chunk_count, chunk_span, chunks_touching
 from imgstore.config import StoreConfig
 from imgstore.errors import BlobCorrupt, CacheFull, OriginError, StoreError
 from imgstore.fetcher import Origin, RangeNotSupported
+from imgstore.metrics import StoreMetrics
 from imgstore.netpolicy import NetPolicy
 from imgstore.verify import PrefixHasher
 
@@ -125,6 +126,8 @@ class Store:
         self.db_limiter = trio.CapacityLimiter(1)
         self.io_limiter = trio.CapacityLimiter(8)
         self.budget = Budget(cfg, catalog, self._db, self._io)
+        self.metrics = StoreMetrics()
+        self.metrics.watch_cache(self.budget, cfg.cache_size, cfg.min_free)
         self._open_lock = trio.Lock()
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
@@ -222,6 +225,7 @@ class Store:
         end = min(off + size, blob.size)
         if off >= end:
             return b""
+        self.metrics.lookup(blob, off, end)
         self._readahead(handle, off, end)
         gated = blob.state != "verified" and handle.would_complete(off, end)
         handle.pending.append((off, end))
@@ -241,6 +245,7 @@ class Store:
         if len(data) != end - off:
             raise StoreError(f"blob {blob.sha1}: short read of the cache at {off}")
         handle.add(off, end)
+        self.metrics.served_bytes.inc(len(data))
         return data
 
     def _readahead(self, handle: Handle, off: int, end: int) -> None:
@@ -321,8 +326,10 @@ class Store:
                         # The deadline starts once a request slot is ours: queueing behind
                         # this blob's other chunks is progress, not a stalled origin.
                         start, end = chunk_span(idx, blob.size, blob.chunk_size)
+                        began = trio.current_time()
                         with self._deadline(blob, f"chunk {idx}"):
                             data = await self.origin.fetch_range(blob.urls, start, end, blob.size)
+                        self.metrics.fetched(len(data), trio.current_time() - began)
                     await self._store_chunk(blob, idx, data)
                 except RangeNotSupported as exc:
                     log.warning("%s; streaming the whole body once instead", exc)
@@ -335,6 +342,7 @@ class Store:
                 if idx not in blob.present and blob.whole_error is not None:
                     raise blob.whole_error
         except StoreError as exc:
+            self.metrics.fetch_errors.inc()
             blob.failures[idx] = exc
             log.error("blob %s: chunk %d: %s", blob.sha1, idx, exc)
         finally:
@@ -353,6 +361,7 @@ class Store:
 
         async def consume(offset: int, piece: bytes) -> None:
             nonlocal pending, pending_start
+            self.metrics.origin_bytes.inc(len(piece))
             if not pending:
                 pending_start = offset
             pending += piece
@@ -428,6 +437,7 @@ class Store:
             if blob.hasher.matches():
                 if await self._db(self.catalog.set_state, blob.sha1, blob.generation, "verified"):
                     blob.state = "verified"
+                    self.metrics.verified.inc()
                     log.info("blob %s verified", blob.sha1)
             else:
                 await self._corrupt(blob)
@@ -440,6 +450,7 @@ class Store:
         """Mark the blob corrupt, forget and free its cached bytes; readers get BlobCorrupt."""
         got = blob.hasher.hexdigest()
         log.error("blob %s failed verification: content has SHA-1 %s", blob.sha1, got)
+        self.metrics.verification_failures.inc()
         blob.state = "corrupt"
         blob.present.clear()
         await self._db(

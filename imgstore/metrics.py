@@ -1,0 +1,243 @@
+"""The mount's Prometheus metrics, and the small HTTP listener that serves them.
+
+`[store] metrics_listen = "127.0.0.1:9101"` makes the mount answer `GET /metrics` there (empty,
+the default: no listener). The listener is hypercorn on the mount's own trio loop: the HTTP
+parsing is hypercorn's, and producing the text is a few microseconds of CPU, so the loop never
+blocks on it. Values live in this process's own registry (not prometheus_client's global one).
+
+The store counts as it goes (each call is an integer add, fine on the trio thread); cache usage,
+the budget and evictions are read from the `Budget` when scraped, so they are never stale.
+
+Metric names:
+
+- `imgstore_origin_bytes_total`: body bytes received from origins (ranges and whole bodies)
+- `imgstore_served_bytes_total`: bytes returned to readers of the mount
+- `imgstore_chunk_lookups_total{result}`: chunks touched by reads, `hit` if cached at the time
+  of the read, `miss` if the read had to wait for a fetch
+- `imgstore_chunk_fetch_seconds`: histogram of successful ranged fetches of one chunk
+- `imgstore_chunk_fetch_errors_total`: chunk fetches that failed (their readers got EIO)
+- `imgstore_blobs_verified_total`, `imgstore_verification_failures_total`: SHA-1 verdicts
+- `imgstore_cache_used_bytes`: bytes the cache's data files hold on disk, plus reservations
+- `imgstore_cache_budget_bytes`: `cache_size` (absent when unlimited)
+- `imgstore_cache_min_free_bytes`: `min_free`
+- `imgstore_evictions_total`, `imgstore_evicted_bytes_total`: blobs this process evicted to make
+  room, and the bytes that freed
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import Any, Protocol
+
+import trio
+from hypercorn.config import Config, Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from imgstore.chunks import chunks_touching
+from imgstore.errors import MountError
+
+log = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+# One chunk over loopback takes milliseconds; over a WAN to a slow origin, seconds.
+FETCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, float("inf"))
+
+
+class ChunkedBlob(Protocol):
+    """What a read's hit/miss count looks at in `imgstore.store.Blob`."""
+
+    size: int
+    chunk_size: int
+    present: Mapping[int, int]
+
+
+class CacheState(Protocol):
+    """What the cache collector reads from `imgstore.budget.Budget`."""
+
+    @property
+    def used(self) -> int: ...
+
+    evictions: int
+    evicted_bytes: int
+
+
+class StoreMetrics:
+    """The counters of one store process; see the module docstring for the names."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.origin_bytes = Counter(
+            "imgstore_origin_bytes", "Body bytes received from origins", registry=r
+        )
+        self.served_bytes = Counter(
+            "imgstore_served_bytes", "Bytes returned to readers of the mount", registry=r
+        )
+        self.chunk_lookups = Counter(
+            "imgstore_chunk_lookups",
+            "Chunks touched by reads: hit if cached at the time, miss if fetched for it",
+            ["result"],
+            registry=r,
+        )
+        self.fetch_seconds = Histogram(
+            "imgstore_chunk_fetch_seconds",
+            "Time to fetch one chunk from an origin",
+            buckets=FETCH_BUCKETS,
+            registry=r,
+        )
+        self.fetch_errors = Counter(
+            "imgstore_chunk_fetch_errors", "Chunk fetches that failed", registry=r
+        )
+        self.verified = Counter("imgstore_blobs_verified", "Blobs whose SHA-1 matched", registry=r)
+        self.verification_failures = Counter(
+            "imgstore_verification_failures", "Blobs whose SHA-1 did not match", registry=r
+        )
+        self._hits = self.chunk_lookups.labels("hit")
+        self._misses = self.chunk_lookups.labels("miss")
+
+    def lookup(self, blob: ChunkedBlob, off: int, end: int) -> None:
+        """Count the chunks a read of [off, end) touches as hits (present now) or misses."""
+        for idx in chunks_touching(off, end - off, blob.size, blob.chunk_size):
+            (self._hits if idx in blob.present else self._misses).inc()
+
+    def fetched(self, length: int, seconds: float) -> None:
+        """One chunk of `length` bytes came from an origin in `seconds`."""
+        self.origin_bytes.inc(length)
+        self.fetch_seconds.observe(seconds)
+
+    def watch_cache(self, cache: CacheState, budget: int | None, min_free: int) -> None:
+        """Report `cache`'s usage and evictions, read at every scrape."""
+        self.registry.register(_CacheCollector(cache, budget, min_free))
+
+    def exposition(self) -> bytes:
+        """The current values in the Prometheus text format."""
+        return generate_latest(self.registry)
+
+
+class _CacheCollector(Collector):
+    def __init__(self, cache: CacheState, budget: int | None, min_free: int) -> None:
+        self.cache = cache
+        self.budget = budget
+        self.min_free = min_free
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "imgstore_cache_used_bytes",
+            "Bytes the cache holds on disk, plus space reserved for writes in progress",
+            value=self.cache.used,
+        )
+        if self.budget is not None:
+            yield GaugeMetricFamily(
+                "imgstore_cache_budget_bytes", "The cache_size budget", value=self.budget
+            )
+        yield GaugeMetricFamily(
+            "imgstore_cache_min_free_bytes",
+            "Free space kept on the cache filesystem (min_free)",
+            value=self.min_free,
+        )
+        yield CounterMetricFamily(
+            "imgstore_evictions",
+            "Blobs evicted by this process to make room",
+            value=self.cache.evictions,
+        )
+        yield CounterMetricFamily(
+            "imgstore_evicted_bytes",
+            "Bytes freed by evictions",
+            value=self.cache.evicted_bytes,
+        )
+
+
+# --- the listener ---
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """`HOST:PORT` (`[V6]:PORT` for IPv6) -> (host, port); MountError naming the key."""
+    host, sep, port = listen.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise MountError(f"[store] metrics_listen: {listen!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+class MetricsApp:
+    """ASGI app: `GET /metrics` (and `/`) answers the metrics; everything else 404."""
+
+    def __init__(self, metrics: StoreMetrics) -> None:
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        if scope["path"] in ("/metrics", "/") and scope["method"] in ("GET", "HEAD"):
+            status, content_type, body = 200, CONTENT_TYPE_LATEST, self.metrics.exposition()
+        else:
+            status, content_type, body = 404, "text/plain; charset=utf-8", b"try /metrics\n"
+        headers = [
+            (b"content-type", content_type.encode("latin-1")),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _config(listen: str) -> Config:
+    host, port = parse_listen(listen)
+    config = Config()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None  # scrapes every few seconds would drown the log
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.include_server_header = False
+    return config
+
+
+async def bind(listen: str) -> Listener:
+    """Bind the metrics listener on `listen` ("HOST:PORT"); MountError naming the key if not.
+
+    Done before mounting, so a taken port fails the mount with a clear message.
+    """
+    config = _config(listen)
+    try:
+        # In a thread: a host name means a DNS lookup.
+        sockets = await trio.to_thread.run_sync(config.create_sockets)
+    except OSError as exc:
+        raise MountError(f"[store] metrics_listen: cannot listen on {listen}: {exc}") from None
+    for sock in sockets.insecure_sockets:
+        sock.listen(config.backlog)
+    log.info("metrics at http://%s/metrics", config.bind[0])
+    return Listener(config, sockets)
+
+
+class Listener:
+    """Bound sockets waiting for `serve`."""
+
+    def __init__(self, config: Config, sockets: Sockets) -> None:
+        self.config = config
+        self.sockets = sockets
+
+
+async def serve(
+    metrics: StoreMetrics,
+    listener: Listener,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Answer `GET /metrics` on `listener` until cancelled; report the URLs once serving."""
+    config = listener.config
+    app = wrap_app(MetricsApp(metrics), config.wsgi_max_body_size, "asgi")
+    await worker_serve(app, config, sockets=listener.sockets, task_status=task_status)
