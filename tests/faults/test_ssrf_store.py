@@ -261,3 +261,22 @@ def test_https_keeps_the_name_for_sni_and_certificate_checks(tmp_path: Path, mon
         srv.shutdown()
         srv.server_close()
         thread.join(5)
+
+
+def test_the_mount_takes_the_allow_list_from_store_or_else_registrar(tmp_path: Path) -> None:
+    from imgstore import config as store_config
+
+    path = tmp_path / "site.toml"
+    base = f'[store]\ncache_dir = "{tmp_path}"\n'
+    path.write_text(base + '[registrar]\nallowed_networks = ["127.0.0.0/8"]\n')
+    assert store_config.load(path, {}).allowed_networks == ("127.0.0.0/8",)
+    path.write_text(
+        base
+        + 'allowed_networks = ["10.1.0.0/16"]\n[registrar]\nallowed_networks = ["127.0.0.0/8"]\n'
+    )
+    assert store_config.load(path, {}).allowed_networks == ("10.1.0.0/16",)
+    path.write_text(base)
+    assert store_config.load(path, {}).allowed_networks == ()
+    path.write_text(base + 'allowed_networks = ["nonsense"]\n')
+    with pytest.raises(ConfigError, match="allowed_networks: 'nonsense' is not a CIDR"):
+        store_config.load(path, {})
