@@ -166,6 +166,7 @@ def test_json_is_what_ls_prints(store, origin, image_factory):
             "urls": [url],
             "pins": [],
             "last_used": data[0]["last_used"],
+            "error": None,
         }
     ]
 
