@@ -7,6 +7,7 @@ Routes (the paths Axis2 1.x exposes for ORCA's IMAGEPROXY service):
   over SOAP 1.1 or 1.2, sized or chunked bodies up to `max_body` bytes (413 beyond).
 - `GET` of any of those with `?wsdl`: ORCA's WSDL with every port address pointing at this server.
 - `GET /healthz`: 200 while the server runs.
+- `GET /metrics`: Prometheus text (registrar/metrics.py).
 
 The work behind a call is a blocking callable `register(url, signature) -> answer text`, run on a
 worker thread (`trio.to_thread`) so the event loop keeps serving other calls. No server-side timeout
@@ -30,6 +31,8 @@ from lxml import etree
 
 from registrar import soap
 from registrar.errors import RegistrarError
+from registrar.metrics import CONTENT_TYPE as METRICS_TYPE
+from registrar.metrics import RegistrarMetrics
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +92,10 @@ class App:
         *,
         max_body: int = soap.MAX_REQUEST_BYTES,
         workers: int = DEFAULT_WORKERS,
+        metrics: RegistrarMetrics | None = None,
     ) -> None:
-        self.register = register
+        self.metrics = metrics or RegistrarMetrics()
+        self.register = self.metrics.counted(register)
         self.max_body = max_body
         self.limiter = trio.CapacityLimiter(workers)
 
@@ -129,6 +134,8 @@ class App:
         query = scope.get("query_string", b"").decode("latin-1")
         if path == "/healthz" and method in ("GET", "HEAD"):
             return await _respond(send, 200, "text/plain; charset=utf-8", b"ok\n"), "healthy"
+        if path == "/metrics" and method in ("GET", "HEAD"):
+            return await _respond(send, 200, METRICS_TYPE, self.metrics.exposition()), "metrics"
         if path not in SOAP_PATHS:
             return await _respond(
                 send, 404, "text/plain; charset=utf-8", b"not found\n"
@@ -151,6 +158,7 @@ class App:
         content_type = _header(scope, b"content-type")
         version = soap.version_for(content_type)
         if not soap.is_soap_media_type(content_type):
+            self.metrics.rejected("unsupported_media_type")
             await _respond(
                 send,
                 415,
@@ -161,11 +169,13 @@ class App:
         try:
             body = await self._read_body(scope, receive)
         except PayloadTooLarge:
+            self.metrics.rejected("too_large")
             reply = soap.too_large_reply(version, self.max_body)
             return await _reply(send, reply), f"fault: body over {self.max_body} bytes"
         try:
             request = soap.parse_request(body, content_type, _header(scope, b"soapaction"))
         except RegistrarError as exc:
+            self.metrics.rejected("bad_request")
             reply = soap.fault_reply(version, exc)
             return await _reply(send, reply), f"fault: {soap.fault_message(exc)}"
         reply, outcome = await self._call(request)

@@ -79,6 +79,7 @@ from registrar.metadata import (
     check_url,
 )
 from registrar.metadata import parse as parse_metadata
+from registrar.metrics import RegistrarMetrics
 from registrar.properties import answer_text
 from registrar.registry import Answer, Claimed, Image, Job, Registry, image_key, process_start
 
@@ -221,6 +222,7 @@ class Service:
         self.account_id = account_id
         self.registry = registry or Registry(settings.state_dir)
         self._flights = _Flights()
+        self.metrics = RegistrarMetrics()
         self._bundle_slots = threading.BoundedSemaphore(settings.max_bundles)
         self._jobs = 0
         self._jobs_lock = threading.Lock()
@@ -276,6 +278,7 @@ class Service:
         if known is not None:
             if self._alive(known.ids()):
                 log.info("metadata %s: answered from the registry", sha1)
+                self.metrics.registry_hit()
                 return known
             log.warning("metadata %s: a registered image is gone from the cloud; redoing", sha1)
         images = self._read_metadata(url, sha1, trusted)
@@ -416,11 +419,13 @@ class Service:
     ) -> str:
         owner = self._claim(key)
         if owner is None:
+            self.metrics.image_reused()
             image = self.registry.image(key)
             assert image is not None
             return image.image_id
         try:
-            return self._build(key, part, kind, kernel_id, ramdisk_id, owner, progress)
+            with self.metrics.job():
+                return self._build(key, part, kind, kernel_id, ramdisk_id, owner, progress)
         except BaseException:
             job = self.registry.job(key)
             if job is not None and job.owner == owner and job.owner_alive():
@@ -503,6 +508,7 @@ class Service:
             self.registry.finish(
                 key, Image(key, kind, part.sha1, image_id, self.cloud.bucket, folder)
             )
+            self.metrics.image_registered(kind)
             log.info("%s: registered %s as %s", key, part.url, image_id)
             return image_id
         finally:
@@ -547,7 +553,9 @@ class Service:
                 compression_level=self.settings.compression_level,
                 progress=report,
             )
-        return upload.finish(manifest)
+        location = upload.finish(manifest)
+        self.metrics.bundle_uploaded(manifest.size, manifest.bundled_size + len(manifest.xml))
+        return location
 
     # --- cleanup ---
 

@@ -203,7 +203,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if cleaned:
             log.info("cleaned up %d registrations a previous run left half done", cleaned)
         access = config.registrar.access
-        app = Guard(server.App(service.answer_text), access)  # 403/401 before the app
+        # 403/401 before the app; the app's /metrics shows the service's counters.
+        app = Guard(server.App(service.answer_text, metrics=service.metrics), access)
         trio.run(_serve, app, config.registrar.listen, access.tls)
     finally:
         service.close()
