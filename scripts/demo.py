@@ -92,6 +92,20 @@ def show_command(cmd: list[str], cwd: Path | None = None) -> str:
     return res.stdout
 
 
+def show_metrics(url: str) -> dict[str, float]:
+    """Print a daemon's /metrics without comments, creation times and buckets; return them."""
+    say(f"$ curl -s {url} | grep -v -e '^#' -e _created -e _bucket")
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("#") and "_created" not in line and "_bucket" not in line:
+            say(line)
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
 def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -388,6 +402,7 @@ class Site:
     cache_dir: Path
     mountpoint: Path
     state_dir: Path
+    metrics_listen: str = ""
 
 
 def write_config(work: Path, cloud_url: str) -> Site:
@@ -396,6 +411,7 @@ def write_config(work: Path, cloud_url: str) -> Site:
     _, cloud_cert = make_key_and_cert(keys, "cloud", "Demo Eucalyptus cloud")
     user_key, user_cert = make_key_and_cert(keys, "euca2-admin", "demo admin")
     site = Site(work / "imageproxy.toml", work / "cache", work / "images", work / "state")
+    site.metrics_listen = f"127.0.0.1:{free_port()}"
     site.config.write_text(
         f"""# Written by scripts/demo: the same file serves both daemons.
 [store]
@@ -403,6 +419,7 @@ cache_dir = "{site.cache_dir}"
 mountpoint = "{site.mountpoint}"
 cache_size = "1G"
 min_free = "16M"        # the demo runs in /tmp, which may be small
+metrics_listen = "{site.metrics_listen}"  # imgstore's GET /metrics
 
 [registrar]
 listen = "127.0.0.1:0"  # a free port; the registrar logs which
@@ -697,6 +714,17 @@ class Demo:
         say(f"S3 PUT requests  {s3_1 - s3_0:10d} {s3_2 - s3_1:11d}")
         say()
         show_command([str(BIN / "registrar"), "list", "--config", str(site.config)])
+
+        section("10. curl /metrics: the work done, as Prometheus sees it")
+        work = show_metrics(base + "/metrics")
+        say()
+        cache = show_metrics(f"http://{site.metrics_listen}/metrics")
+        if not (
+            work["imageproxy_registrar_bundled_bytes_total"]
+            and work["imageproxy_registrar_registry_hits_total"] == 1
+            and cache["imgstore_origin_bytes_total"]
+        ):
+            raise DemoError("/metrics does not show the work done", registrar.log)
 
     def teardown(self) -> None:
         section("Cleaning up")
