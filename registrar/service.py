@@ -351,7 +351,7 @@ class Service:
                 blob = imgstore.info(self.settings.cache_dir, sha1)
             except StoreError:
                 blob = None
-            reason = getattr(blob, "error", None) or ""  # imgstore's verdict, when it gives one
+            reason = (blob.error if blob is not None else None) or ""  # imgstore's verdict
             if self._blob_state(sha1, blob) == "corrupt":
                 computed = _SHA1_IN_TEXT.search(reason)
                 got = (

@@ -46,7 +46,13 @@ def test_bad_inputs_get_specific_faults_and_leave_nothing_behind(
         )
     )
     cases.append(
-        ("metadata SHA-1 mismatch", images.metadata_url, wrong, f"signature {wrong} does not match")
+        (
+            "metadata SHA-1 mismatch",
+            images.metadata_url,
+            wrong,
+            f"signature {wrong} does not match computed signature {images.metadata_sha1} "
+            f"for metadata at {images.metadata_url}",
+        )
     )
     cases.append(
         (
@@ -98,7 +104,8 @@ def test_bad_inputs_get_specific_faults_and_leave_nothing_behind(
             "part SHA-1 mismatch",
             origin.put("wrongpart.xml", wrong_part),
             _sha1(wrong_part),
-            f"signature {'1' * 40} does not match",
+            f"signature {'1' * 40} does not match computed signature {kernel.sha1} "
+            f"for KERNEL image at {kernel.url}",
         )
     )
 
