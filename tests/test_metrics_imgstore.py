@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import http.client
+import signal
 import socket
 import subprocess
 from collections.abc import Callable
@@ -165,7 +166,7 @@ def test_only_metrics_is_served_and_a_taken_port_fails_the_mount_naming_the_key(
     tmp_path: Path, fuse_mount: Callable[..., Mounted]
 ) -> None:
     m = MetricsMount(tmp_path / "a", fuse_mount)
-    m.mount()
+    first = m.mount()
     assert get(m.port, "/nope")[0] == 404
     assert "imgstore_cache_used_bytes" in get(m.port, "/metrics")[2]
 
@@ -182,3 +183,10 @@ def test_only_metrics_is_served_and_a_taken_port_fails_the_mount_naming_the_key(
     assert res.returncode != 0
     assert "metrics_listen" in res.stderr and "Traceback" not in res.stderr
     assert not other.mountpoint.is_mount()
+
+    # SIGTERM still unmounts cleanly, and the listener goes with the mount.
+    first.kill(signal.SIGTERM)
+    assert first.wait() == 0
+    assert not m.mountpoint.is_mount()
+    with pytest.raises(ConnectionRefusedError):
+        get(m.port, "/metrics")
