@@ -13,10 +13,15 @@ from collections.abc import Callable
 import pytest
 import zeep.exceptions
 
+from registrar.errors import FetchError
+from registrar.metrics import RegistrarMetrics
 from registrar.server import SERVICE
+from registrar.soap import SoapVersion
 from tests.registrar import e2e_stack
 from tests.registrar.e2e_stack import Stack
 from tests.registrar.soap_javaprops import loads
+from tests.registrar.soap_messages import axis2_envelope, axis2_headers
+from tests.registrar.soap_server import running_server
 from tests.support.images import ImageFactory
 from tests.support.origin import Origin
 from tests.test_metrics_imgstore import Samples, free_port, scrape, value
@@ -123,3 +128,54 @@ def test_faults_and_refused_requests_are_counted_by_outcome(
         samples, "imageproxy_registrar_registration_duration_seconds_count", outcome="fault"
     )
     assert value(samples, "imageproxy_registrar_bundled_bytes_total") == 0
+
+
+# --- the server's own counting, in process (the real hypercorn app on a real socket) ---
+
+
+def fake_register(url: str, signature: str) -> str:
+    """Answers, faults or crashes by URL, as the service would (a fake, not a mock)."""
+    if url.endswith("/fault"):
+        raise FetchError(f"cannot fetch metadata at {url}: HTTP 404")
+    if url.endswith("/bug"):
+        raise RuntimeError("a bug")
+    return "FILESYSTEM=ami-1\nKERNEL=\nRAMDISK=\n"
+
+
+def soap_post(port: int, url: str, body: bytes | None = None) -> int:
+    version = SoapVersion.SOAP11
+    body = body or axis2_envelope(version, url, "0" * 40)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", SERVICE, body=body, headers=axis2_headers(version))
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+def test_each_app_counts_its_own_calls_by_outcome_including_bugs_and_oversized_bodies() -> None:
+    metrics, other = RegistrarMetrics(), RegistrarMetrics()
+    with running_server(fake_register, metrics=metrics, max_body=4096) as srv:
+        assert soap_post(srv.port, "http://o.example/ok") == 200
+        assert soap_post(srv.port, "http://o.example/ok") == 200
+        assert soap_post(srv.port, "http://o.example/fault") == 500
+        assert soap_post(srv.port, "http://o.example/bug") == 500
+        assert soap_post(srv.port, "", body=b"<x>" + b"y" * 8192 + b"</x>") == 413
+        samples = scrape(srv.port)
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+        conn.request("HEAD", "/metrics")
+        assert conn.getresponse().status == 200
+        conn.close()
+        with running_server(fake_register, metrics=other) as second:
+            assert requests(scrape(second.port), "ok") == 0  # registries are not shared
+
+    assert requests(samples, "ok") == 2
+    assert requests(samples, "fault") == requests(samples, "error") == 1
+    assert requests(samples, "too_large") == 1
+    assert requests(samples, "bad_request") == 0
+    name = "imageproxy_registrar_registration_duration_seconds_count"
+    assert value(samples, name, outcome="ok") == 2
+    assert value(samples, name, outcome="error") == 1
+    assert value(samples, "imageproxy_registrar_requests_in_progress") == 0
