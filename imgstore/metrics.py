@@ -6,7 +6,9 @@ parsing is hypercorn's, and producing the text is a few microseconds of CPU, so 
 blocks on it. Values live in this process's own registry (not prometheus_client's global one).
 
 The store counts as it goes (each call is an integer add, fine on the trio thread); cache usage,
-the budget and evictions are read from the `Budget` when scraped, so they are never stale.
+the budget and evictions are read from the `Budget` when scraped. Usage is this process's view:
+what `imgstore fetch` or `imgstore evict` change beside the mount shows once the mount next
+rescans the cache (when it makes room).
 
 Metric names:
 
