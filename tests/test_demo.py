@@ -81,6 +81,10 @@ def test_demo_registers_an_image_and_answers_the_repeat_from_the_registry() -> N
         assert f"# file: by-sha1/{sha1}\n" in out
     assert out.count('user.imgstore.state="verified"') == 4  # the parts and the metadata
 
+    # The demo itself fails unless /metrics shows the work; here: both daemons' were printed.
+    assert "imageproxy_registrar_registry_hits_total 1.0" in out
+    assert re.search(r"^imgstore_origin_bytes_total [1-9]", out, re.M), out
+
     assert "=== Cleaning up" in out
     _assert_nothing_left(_workdir(out))
 
