@@ -1,6 +1,6 @@
 """RegisterImage end to end: metadata → imgstore → bundle → cloud → ids.
 
-    service = Service.from_config(config, store)   # registrar + [store] settings
+    service = Service.from_config(config, cache_dir, mountpoint)  # + the store's paths
     service.recover()                              # clean up what a dead registrar left
     answer = service.register(url, signature)      # blocks; call from a worker thread
     text = service.answer_text(url, signature)     # the same, as ORCA's Properties text
@@ -12,10 +12,11 @@ The steps of one call:
    still exist, answer it: nothing is fetched, bundled or uploaded.
 3. Add the metadata to imgstore by its signature (URLs from SOAP are untrusted) and read it from
    the mount — a complete read succeeds only on verified bytes — then parse it.
-4. For the kernel, then the ramdisk, then the machine image (which names their ids): if the
-   registry has the part's image and the cloud still has it, reuse it; otherwise claim the part's
-   key, add the part to imgstore, pin it, stream it from the mount through the bundler into the
-   upload, register it, wait until it is available, and record it.
+4. For the kernel and the ramdisk (in parallel), then the machine image (which names their
+   ids): if the registry has the part's image and the cloud still has it, reuse it; otherwise
+   claim the part's key, add the part to imgstore (part URLs are never trusted), pin it, stream
+   it from the mount through the bundler into the upload (at most `max_bundles` at once),
+   register it, wait until it is available, and record it.
 5. Save and return the answer.
 
 Single flight. Within this process, one thread does the work for a metadata SHA-1 and one for
