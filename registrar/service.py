@@ -436,6 +436,7 @@ class Service:
     def _claim(self, key: str) -> str | None:
         """Claim `key` for a new owner and return it; None if the image is already registered."""
         deadline = time.monotonic() + self.settings.claim_wait
+        waiting_for = ""
         while True:
             existing = self.registry.image(key)
             if existing is not None:
@@ -451,6 +452,9 @@ class Service:
                     self._clean_job(stale)
                     self.registry.take_over(stale, owner)
             except Claimed as claimed:
+                if waiting_for != claimed.job.owner:
+                    waiting_for = claimed.job.owner
+                    log.info("%s: waiting for %s, which is registering it", key, waiting_for)
                 if time.monotonic() > deadline:
                     raise FetchError(
                         f"gave up waiting for {claimed.job.owner} to finish registering {key}"

@@ -8,6 +8,9 @@ import shlex
 import signal
 import socket
 import subprocess
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.registrar import e2e_stack
@@ -120,3 +123,53 @@ def test_register_shows_progress_on_a_terminal_and_keeps_stdout_clean(
     answer = loads(out.read_text())
     assert sorted(stack.cloud.image_ids()) == sorted(answer.values())
     assert out.read_text().count("\n") == 3
+
+
+def test_cli_and_server_registering_the_same_image_at_once_do_the_work_once(
+    stack: Stack, origin: Origin, image_factory: ImageFactory, tmp_path: Path
+) -> None:
+    # Two processes: the registry's job claims make them share each part's registration.
+    images = image_factory.publish(origin, size_mib=16, fs_format="tar.gz")
+    stack.cloud.hold_pending = True  # the server's kernel and ramdisk stay in flight
+    service = stack.zeep(stack.start())
+    answers: list[str] = []
+    caller = threading.Thread(
+        target=lambda: answers.append(
+            service.RegisterImage(url=images.metadata_url, signature=images.metadata_sha1)
+        )
+    )
+    caller.start()
+    _wait_for(lambda: len(stack.cloud.calls_of("RegisterImage")) == 2, "the server's two claims")
+    log = tmp_path / "cli.log"
+    with open(log, "w") as err:
+        cli = subprocess.Popen(
+            [
+                *REGISTRAR,
+                "register",
+                "--config",
+                str(stack.config),
+                images.metadata_url,
+                images.metadata_sha1,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
+    _wait_for(lambda: "which is registering it" in log.read_text(), "the CLI to wait on a claim")
+    stack.cloud.hold_pending = False
+    cli_out, _ = cli.communicate(timeout=170)
+    caller.join(170)
+    assert cli.returncode == 0, log.read_text()
+    assert answers == [cli_out]
+    assert len(stack.cloud.calls_of("RegisterImage")) == 3
+    for part in images.parts.values():
+        size = part.path.stat().st_size
+        assert size <= origin.bytes_sent(part.name) < size + 64 * 1024
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
