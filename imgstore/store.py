@@ -451,8 +451,8 @@ class Store:
         got = blob.hasher.hexdigest()
         log.error("blob %s failed verification: content has SHA-1 %s", blob.sha1, got)
         self.metrics.verification_failures.inc()
-        blob.state = "corrupt"
-        blob.present.clear()
+        # Record the verdict and its reason before any reader can see `corrupt`: a reader that
+        # gets EIO asks the catalog why, and must find the computed SHA-1 there.
         await self._db(
             self.catalog.set_state,
             blob.sha1,
@@ -460,6 +460,8 @@ class Store:
             "corrupt",
             f"content has SHA-1 {got}",
         )
+        blob.state = "corrupt"
+        blob.present.clear()
         await self._io(_punch_all, blob.data)
         self.budget.allocated[blob.sha1] = 0
 
