@@ -2,7 +2,8 @@
 
 Everything here is synchronous and blocking; the daemon calls it through `trio.to_thread`.
 A chunk's bytes are written with `os.pwrite` and made durable with `fdatasync` before the
-caller records the chunk in the catalog, so a crash never leaves a recorded chunk unwritten.
+caller records the chunk in the catalog, so a crash never leaves a recorded chunk unwritten
+(one `fdatasync` may cover several chunks: the store batches them, see `Store._durable`).
 
 Data files live at `cache_dir/blobs/<sha1>` (0600, directory 0700). A process that reads or
 writes a blob's data holds a shared `flock` on its file; dropping a blob's data (eviction,
@@ -75,8 +76,8 @@ class DataFile:
         """Read cached bytes; the caller guarantees the chunks are recorded as present."""
         return os.pread(self.fd, length, off)
 
-    def write_durable(self, off: int, data: bytes | bytearray | memoryview) -> int:
-        """Write and fdatasync `data` at `off`; returns the file's allocated bytes afterwards.
+    def write(self, off: int, data: bytes | bytearray | memoryview) -> int:
+        """pwrite `data` at `off` (not yet durable); returns the file's allocated bytes.
 
         Raises CacheFull on ENOSPC/EDQUOT: the caller may evict and retry once.
         """
@@ -86,12 +87,27 @@ class DataFile:
                 n = os.pwrite(self.fd, view, off)
                 view = view[n:]
                 off += n
-            os.fdatasync(self.fd)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise CacheFull(f"cache disk full writing {self.path.name}") from exc
+            _raise_if_full(exc, self.path)
             raise
         return allocated(self.fd)
+
+    def sync(self) -> None:
+        """fdatasync: every byte written before this call is durable when it returns.
+
+        One call covers all the chunks written so far (the store's group commit). Raises
+        CacheFull on ENOSPC/EDQUOT (delayed allocation may fail only now).
+        """
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            _raise_if_full(exc, self.path)
+            raise
+
+
+def _raise_if_full(exc: OSError, path: Path) -> None:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise CacheFull(f"cache disk full writing {path.name}") from exc
 
 
 def allocated(fd: int) -> int:

@@ -98,7 +98,7 @@ class Operations(pyfuse3.Operations):
         attr.st_nlink = 1
         attr.st_uid, attr.st_gid = self.uid, self.gid
         attr.st_size = rec.size
-        attr.st_blksize = 128 * 1024
+        attr.st_blksize = 1024 * 1024  # cat & co. read this much per call: 1 MiB FUSE requests
         attr.st_blocks = (rec.cached_bytes + 511) // 512
         ns = int(rec.last_used * 1e9)
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = ns
