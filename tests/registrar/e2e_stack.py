@@ -2,7 +2,7 @@
 
 Fixture ``stack`` (function scope) -> ``Stack``: a config file naming a fresh cache, mountpoint,
 state dir and bucket; a real ``imgstore mount`` (``fuse_mount``); and ``stack.start()`` to run
-the real registrar service (``python -m registrar.service_cli serve``) as a subprocess, which
+the real registrar service (the ``registrar serve`` console script) as a subprocess, which
 is stopped (SIGTERM, then SIGKILL) at teardown. The registrar listens on a free port and logs
 its address; ``start`` waits for that line and for ``/healthz`` with a deadline, failing at
 once if the process dies.
@@ -30,7 +30,8 @@ from tests.registrar.soap_server import SOAP11_BINDING, SOAP12_BINDING, WSDL
 from tests.support.cloud import StandInCloud
 from tests.support.fusemount import Mounted
 
-REGISTRAR = [sys.executable, "-m", "registrar.service_cli"]
+# The installed `registrar` console script, beside this interpreter (as systemd runs it).
+REGISTRAR = [str(Path(sys.executable).parent / "registrar")]
 IMGSTORE = [sys.executable, "-m", "imgstore"]
 _LISTENING = re.compile(r"SOAP service listening on (http://[^\s/]+)")
 

@@ -1,6 +1,6 @@
 """`registrar register`, `registrar list` and `registrar serve` from the shell, against the real
-mount, nginx and the moto cloud. Run as `python -m registrar.service_cli` (the same functions
-`registrar` dispatches to)."""
+mount, nginx and the moto cloud, through the installed `registrar` console script (the functions
+of registrar/service_cli.py)."""
 
 from __future__ import annotations
 
