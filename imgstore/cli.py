@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import trio
 
 from imgstore import client
-from imgstore.config import StoreConfig, human_size, load
+from imgstore.config import StoreConfig, config_path, human_size, load
 from imgstore.errors import BadSha1, BadUrl, ConfigError, StoreError
 
 log = logging.getLogger(__name__)
@@ -33,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         metavar="FILE",
         type=Path,
-        help="TOML file with a [store] section (default: $IMAGEPROXY_CONFIG if set)",
+        help="TOML file with a [store] section (default: $IMAGEPROXY_CONFIG, else "
+        "/etc/imageproxy/imageproxy.toml if it exists)",
     )
     common.add_argument(
         "--cache-dir",
@@ -142,10 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _config(args: argparse.Namespace, **extra: Any) -> StoreConfig:
-    path = args.config
-    if path is None and os.environ.get("IMAGEPROXY_CONFIG"):
-        path = Path(os.environ["IMAGEPROXY_CONFIG"])
-    return load(path, {"cache_dir": args.cache_dir, **extra})
+    return load(config_path(args.config), {"cache_dir": args.cache_dir, **extra})
 
 
 def cmd_mount(args: argparse.Namespace) -> int:

@@ -167,6 +167,23 @@ def build(values: dict[str, Any]) -> StoreConfig:
     return cfg
 
 
+# Where both daemons look when neither --config nor $IMAGEPROXY_CONFIG names a file.
+DEFAULT_CONFIG = Path("/etc/imageproxy/imageproxy.toml")
+
+
+def config_path(explicit: str | os.PathLike[str] | None) -> Path | None:
+    """The config file of a command: `--config`, else `$IMAGEPROXY_CONFIG`, else the default.
+
+    A named file is returned even if missing, so that reading it reports the mistake; the
+    default is returned only if it exists, since a store run from the command line needs none.
+    The registrar imports this too: one rule for both daemons.
+    """
+    named = explicit or os.environ.get("IMAGEPROXY_CONFIG")
+    if named:
+        return Path(named)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
 def load(path: Path | None, overrides: dict[str, Any]) -> StoreConfig:
     """Merge the `[store]` section of `path` with command-line `overrides` (which win)."""
     values = read_store_section(path)

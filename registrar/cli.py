@@ -8,7 +8,7 @@ first, detected by its magic bytes; `--raw` bundles it as it is. Kernels and ram
 bundled byte for byte (a ramdisk is usually gzipped on purpose). A progress bar shows on a
 terminal. It is also the quickest way to test the `[cloud]` settings.
 
-The config file is `--config`, else `$IMAGEPROXY_CONFIG`.
+The config file is `--config`, else `$IMAGEPROXY_CONFIG`, else /etc/imageproxy/imageproxy.toml.
 
 Exit codes: 0 success; 1 the bundle, upload or registration failed (nothing is left behind in
 the cloud); 2 bad usage, config, credentials or input file. Errors print one line on stderr.
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -64,7 +63,7 @@ def _add_install_image(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "--config",
         metavar="FILE",
         default=argparse.SUPPRESS,
-        help="TOML config file (default: $IMAGEPROXY_CONFIG)",
+        help="TOML config file (default: $IMAGEPROXY_CONFIG, else /etc/imageproxy/imageproxy.toml)",
     )
     p.add_argument(
         "--type",
@@ -116,9 +115,9 @@ def _install_image(args: argparse.Namespace) -> int:
         return _error(
             f"--kernel and --ramdisk apply to machine images, not {args.image_type}", EXIT_USAGE
         )
-    config_path = getattr(args, "config", None) or os.environ.get("IMAGEPROXY_CONFIG")
-    if not config_path:
-        return _error("no config file: give --config FILE or set $IMAGEPROXY_CONFIG", EXIT_USAGE)
+    config_path = service_cli.config_path(getattr(args, "config", None))
+    if config_path is None:
+        return _error(service_cli.NO_CONFIG, EXIT_USAGE)
     # Imported here: `registrar --help` stays quick without boto3.
     from registrar.install import install_file
 

@@ -3,7 +3,8 @@
 Wiring (registrar/cli.py): `add_subcommands(subparsers)` adds the three subcommands, each with
 its own `--config FILE`; for them `args.service_command` is set, and `run(args)` runs it and
 returns the exit code. `main(argv)` here is the same as a standalone program
-(`python -m registrar.service_cli …`). The config file is `--config`, else `$IMAGEPROXY_CONFIG`.
+(`python -m registrar.service_cli …`). The config file is `--config`, else `$IMAGEPROXY_CONFIG`,
+else /etc/imageproxy/imageproxy.toml.
 
 Exit codes: 0 success; 1 the registration (or service) failed; 2 bad usage, config or input.
 Errors print one line on stderr, no traceback.
@@ -26,6 +27,7 @@ from typing import Any
 
 import trio
 
+from imgstore.config import DEFAULT_CONFIG, config_path
 from imgstore.config import load as load_store_config
 from imgstore.errors import StoreError
 from registrar import config as registrar_config
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_STATE_DIR = Path("/var/lib/imageproxy")
+NO_CONFIG = f"no config file: give --config FILE, set $IMAGEPROXY_CONFIG or write {DEFAULT_CONFIG}"
 
 
 def add_subcommands(subparsers: Any) -> None:
@@ -49,7 +52,7 @@ def add_subcommands(subparsers: Any) -> None:
         "--config",
         metavar="FILE",
         default=argparse.SUPPRESS,
-        help="TOML config file (default: $IMAGEPROXY_CONFIG)",
+        help="TOML config file (default: $IMAGEPROXY_CONFIG, else /etc/imageproxy/imageproxy.toml)",
     )
     common.add_argument(
         "--debug",
@@ -128,15 +131,14 @@ def _fail(args: argparse.Namespace, exc: BaseException, debug: bool) -> None:
 
 
 def _config_path(args: argparse.Namespace) -> Path | None:
-    path = getattr(args, "config", None) or os.environ.get("IMAGEPROXY_CONFIG")
-    return Path(path) if path else None
+    return config_path(getattr(args, "config", None))
 
 
 def _load(args: argparse.Namespace) -> tuple[registrar_config.Config, Path, Path]:
     """The registrar config, and the store's cache directory and mountpoint."""
     path = _config_path(args)
     if path is None:
-        raise ConfigError("no config file: give --config FILE or set $IMAGEPROXY_CONFIG")
+        raise ConfigError(NO_CONFIG)
     config = registrar_config.load(path)
     try:
         store = load_store_config(path, {})
