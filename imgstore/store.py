@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -30,6 +31,10 @@ from imgstore.verify import PrefixHasher
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# Chunks kept in memory after they became present, per blob: a sequential reader is served
+# from them without a thread hop per request, and the hasher reads them instead of the disk.
+RECENT_CHUNKS = 4
 
 
 class Blob:
@@ -50,6 +55,9 @@ class Blob:
         # Chunks being fetched: index -> event set when the flight ends (success or not).
         self.inflight: dict[int, trio.Event] = {}
         self.failures: dict[int, StoreError] = {}
+        # Copies of the last few present chunks (index -> bytes), oldest first; only chunks in
+        # `present`, cleared with it.
+        self.recent: OrderedDict[int, bytes | bytearray] = OrderedDict()
         self.whole: trio.Event | None = None  # set when a whole-body stream ends
         self.whole_error: StoreError | None = None
         self.requests = trio.CapacityLimiter(max_requests)
@@ -75,6 +83,20 @@ class Blob:
 
     def missing(self, idxs: range | list[int]) -> list[int]:
         return [i for i in idxs if i not in self.present]
+
+    def remember(self, idx: int, data: bytes | bytearray) -> None:
+        self.recent[idx] = data
+        while len(self.recent) > RECENT_CHUNKS:
+            self.recent.popitem(last=False)
+
+    def from_memory(self, off: int, end: int) -> bytes | None:
+        """Bytes [off, end) if they lie in one remembered chunk, else None."""
+        idx = off // self.chunk_size
+        data = self.recent.get(idx)
+        if data is None or (end - 1) // self.chunk_size != idx:
+            return None
+        start = idx * self.chunk_size
+        return bytes(memoryview(data)[off - start : end - start])
 
 
 @dataclasses.dataclass
@@ -241,7 +263,9 @@ class Store:
                 touched = list(chunks_touching(off, end - off, blob.size, blob.chunk_size))
                 with self._deadline(blob, f"bytes {off}-{end - 1}"):
                     await self._ensure(blob, touched)
-            data = await self._io(blob.data.pread, off, end - off)
+            data = blob.from_memory(off, end)
+            if data is None:
+                data = await self._io(blob.data.pread, off, end - off)
         finally:
             handle.pending.remove((off, end))
         # Verification may have failed (and the bytes been dropped) while pread ran.
@@ -417,6 +441,7 @@ class Store:
             self.catalog.mark_chunk, blob.sha1, generation, idx, end - start, blob.nchunks
         ):
             blob.present[idx] = end - start
+            blob.remember(idx, data)
             if blob.state not in ("verified",):
                 blob.state = "complete" if blob.complete() else "partial"
             self.nursery.start_soon(self._advance_hash, blob)
@@ -464,7 +489,11 @@ class Store:
                 if idx not in blob.present or blob.state == "corrupt":
                     return
                 start, end = chunk_span(idx, blob.size, blob.chunk_size)
-                await self._io(_hash_range, blob, start, end)
+                data = blob.recent.get(idx)
+                if data is not None:  # no need to read back what we just wrote
+                    await self._io(blob.hasher.update, data)
+                else:
+                    await self._io(_hash_range, blob, start, end)
             if blob.hasher.matches():
                 if await self._db(self.catalog.set_state, blob.sha1, blob.generation, "verified"):
                     blob.state = "verified"
@@ -493,6 +522,7 @@ class Store:
         )
         blob.state = "corrupt"
         blob.present.clear()
+        blob.recent.clear()
         await self._io(_punch_all, blob.data)
         self.budget.allocated[blob.sha1] = 0
 
