@@ -23,6 +23,8 @@ from imgstore.errors import BlobBusy, CacheFull
 
 log = logging.getLogger(__name__)
 
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+
 
 def chunk_count(size: int, chunk_size: int) -> int:
     return (size + chunk_size - 1) // chunk_size
@@ -76,6 +78,26 @@ class DataFile:
         """Read cached bytes; the caller guarantees the chunks are recorded as present."""
         return os.pread(self.fd, length, off)
 
+    def pread_cached(self, off: int, length: int) -> bytes | None:
+        """The bytes if the page cache holds all of them, else None; never waits for the disk.
+
+        `preadv2(RWF_NOWAIT)` fails with EAGAIN instead of starting disk I/O, so this may run
+        on the trio thread: a 1 MiB copy from the page cache costs far less than the thread
+        hop of `pread` (~1.5 ms a read in a cold-read profile). Same contract as `pread`.
+        """
+        buf = bytearray(length)
+        try:
+            n = os.preadv(self.fd, [buf], off, _RWF_NOWAIT)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                return None  # a filesystem or kernel without RWF_NOWAIT: the thread path
+            raise
+        if n != length:
+            return None  # partly cached: let the thread read it all
+        return bytes(buf)
+
     def write(self, off: int, data: bytes | bytearray | memoryview) -> int:
         """pwrite `data` at `off` (not yet durable); returns the file's allocated bytes.
 
@@ -92,17 +114,19 @@ class DataFile:
             raise
         return allocated(self.fd)
 
-    def sync(self) -> None:
+    def sync(self) -> int:
         """fdatasync: every byte written before this call is durable when it returns.
 
-        One call covers all the chunks written so far (the store's group commit). Raises
-        CacheFull on ENOSPC/EDQUOT (delayed allocation may fail only now).
+        One call covers all the chunks written so far (the store's group commit). Returns the
+        file's allocated bytes afterwards. Raises CacheFull on ENOSPC/EDQUOT (delayed
+        allocation may fail only now).
         """
         try:
             os.fdatasync(self.fd)
         except OSError as exc:
             _raise_if_full(exc, self.path)
             raise
+        return allocated(self.fd)
 
 
 def _raise_if_full(exc: OSError, path: Path) -> None:

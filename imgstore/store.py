@@ -35,6 +35,9 @@ T = TypeVar("T")
 # Chunks kept in memory after they became present, per blob: a sequential reader is served
 # from them without a thread hop per request, and the hasher reads them instead of the disk.
 RECENT_CHUNKS = 4
+# Reads the page cache holds are served on the trio thread (RWF_NOWAIT never waits for the
+# disk); others take a worker thread.
+_NOWAIT_READS = hasattr(os, "RWF_NOWAIT") and hasattr(os, "preadv")
 
 
 class Blob:
@@ -66,6 +69,7 @@ class Blob:
         self.writes = 0
         self.synced = 0
         self.syncing: trio.Event | None = None
+        self.synced_alloc = 0  # the data file's allocated bytes after the latest fdatasync
         self.hasher = PrefixHasher(rec.sha1, rec.size)
         self.hash_lock = trio.Lock()
         self.verdict = trio.Event()
@@ -264,6 +268,8 @@ class Store:
                 with self._deadline(blob, f"bytes {off}-{end - 1}"):
                     await self._ensure(blob, touched)
             data = blob.from_memory(off, end)
+            if data is None and _NOWAIT_READS:
+                data = blob.data.pread_cached(off, end - off)
             if data is None:
                 data = await self._io(blob.data.pread, off, end - off)
         finally:
@@ -434,7 +440,15 @@ class Store:
                 alloc = await self._io(blob.data.write, start, data)
                 blob.writes += 1
                 await self._durable(blob)
-            self.budget.allocated[blob.sha1] = alloc
+            # Writes and syncs finish in any order, and a blob's file only grows while it is
+            # written (dropping its data needs it closed, and a corrupt one is set to 0 after):
+            # the largest figure seen is the latest.
+            if blob.state == "corrupt":  # its data was dropped meanwhile: no "largest" rule
+                self.budget.allocated[blob.sha1] = alloc
+            else:
+                self.budget.allocated[blob.sha1] = max(
+                    alloc, blob.synced_alloc, self.budget.allocated.get(blob.sha1, 0)
+                )
         if blob.generation != generation or blob.state == "corrupt":
             return
         if await self._db(
@@ -462,7 +476,7 @@ class Store:
             blob.syncing = trio.Event()
             upto = blob.writes
             try:
-                await self._io(blob.data.sync)
+                blob.synced_alloc = await self._io(blob.data.sync)
                 blob.synced = max(blob.synced, upto)
             finally:
                 event, blob.syncing = blob.syncing, None
