@@ -60,9 +60,14 @@ def post_chunked(
     """POST `body` with `Transfer-Encoding: chunked` in `chunk_size` pieces; no Content-Length."""
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
-        conn.request(
-            "POST", path, body=_chunks(body, chunk_size), headers=headers, encode_chunked=True
-        )
+        try:
+            conn.request(
+                "POST", path, body=_chunks(body, chunk_size), headers=headers, encode_chunked=True
+            )
+        except (BrokenPipeError, ConnectionResetError):
+            # The server may answer (413) and close before the whole body is sent; its answer
+            # is already in our receive queue, as a real client would read it.
+            pass
         response = conn.getresponse()
         return RawReply(
             response.status,
