@@ -71,9 +71,11 @@ def test_imgstore_killed_mid_read_then_the_same_request_succeeds(
     assert not caller.is_alive()
     assert isinstance(outcome[0], zeep.exceptions.Fault), outcome
     message = str(outcome[0].message)
-    assert message == (
-        f"cannot read FILESYSTEM image at {fs.url} through imgstore: "
-        "Software caused connection abort"  # ECONNABORTED: the FUSE daemon died
+    # The kernel says ECONNABORTED to a read in flight when the FUSE daemon dies, and ENOTCONN
+    # to one that starts after; which one the registrar meets depends on timing.
+    assert message in (
+        f"cannot read FILESYSTEM image at {fs.url} through imgstore: {reason}"
+        for reason in ("Software caused connection abort", "Transport endpoint is not connected")
     )
     assert stack.cloud.bucket_keys() == [] and stack.cloud.image_ids() == []
 
