@@ -29,6 +29,7 @@ import trio
 
 from imgstore.config import DEFAULT_CONFIG, config_path
 from imgstore.config import load as load_store_config
+from imgstore.errors import ConfigError as StoreConfigError
 from imgstore.errors import StoreError
 from registrar import config as registrar_config
 from registrar import server
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except StoreError as exc:
         _fail(args, exc, debug)
-        return EXIT_USAGE if "config" in type(exc).__name__.lower() else EXIT_FAILED
+        return EXIT_USAGE if isinstance(exc, StoreConfigError) else EXIT_FAILED
     except RegistrarError as exc:
         _fail(args, exc, debug)
         return EXIT_FAILED
