@@ -26,12 +26,18 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _common_options(default: object) -> argparse.ArgumentParser:
+    """--config, --cache-dir and --debug, accepted before and after the subcommand.
+
+    The subcommands' copy defaults to SUPPRESS, so an option given before the subcommand name
+    is not reset by the subcommand's own default.
+    """
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--config",
         metavar="FILE",
         type=Path,
+        default=default,
         help="TOML file with a [store] section (default: $IMAGEPROXY_CONFIG, else "
         "/etc/imageproxy/imageproxy.toml if it exists)",
     )
@@ -39,14 +45,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-dir",
         metavar="DIR",
         type=Path,
+        default=default,
         help="cache directory (default: [store] cache_dir, else $IMAGEPROXY_HOME)",
     )
-    common.add_argument("--debug", action="store_true", help="log debugging detail")
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=False if default is None else default,
+        help="log debugging detail",
+    )
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_options(argparse.SUPPRESS)
     parser = argparse.ArgumentParser(
         prog="imgstore",
         description="A lazy, verified, content-addressed image store behind a FUSE mount.",
         epilog="Exit codes: 0 ok, 1 the store could not do it, 2 bad usage or input.",
-        parents=[common],
+        parents=[_common_options(None)],
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 

@@ -52,3 +52,19 @@ def test_imgstore_reads_the_file_imageproxy_config_names(tmp_path: Path) -> None
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
     assert (cache / "catalog.sqlite").exists()
+
+
+def test_imgstore_options_before_the_subcommand_count(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    conf = tmp_path / "imageproxy.toml"
+    conf.write_text(f'[store]\ncache_dir = "{cache}"\n')
+    env = {k: v for k, v in os.environ.items() if k != "IMAGEPROXY_CONFIG"}
+    done = subprocess.run(
+        ["imgstore", "--config", str(conf), "ls", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (cache / "catalog.sqlite").exists()
