@@ -107,6 +107,10 @@ _FLOAT_KEYS = {"read_deadline", "connect_timeout"}
 _KNOWN = {f.name for f in dataclasses.fields(StoreConfig)}
 
 
+# The sections of the one file both daemons read; a misspelt section is an error, not ignored.
+SECTIONS = ("store", "registrar", "cloud")
+
+
 def read_store_section(path: Path | None) -> dict[str, Any]:
     """Return the `[store]` table of a TOML file, or {} without a file."""
     if path is None:
@@ -118,6 +122,9 @@ def read_store_section(path: Path | None) -> dict[str, Any]:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config {path} is not valid TOML: {exc}") from exc
+    for name in data:
+        if name not in SECTIONS:
+            raise ConfigError(f"config {path}: unknown section [{name}]")
     section = data.get("store", {})
     if not isinstance(section, dict):
         raise ConfigError(f"config {path}: [store] must be a table")

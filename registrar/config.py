@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from imgstore.config import SECTIONS
 from registrar.access import ACCESS_KEYS, Access, parse_access
 from registrar.errors import ConfigError
 
@@ -129,6 +130,9 @@ def load(path: str | Path) -> Config:
 
 def parse(data: dict[str, Any], *, base_dir: Path, path: Path | None = None) -> Config:
     """Check an already-parsed TOML document; relative paths resolve against `base_dir`."""
+    for name in data:
+        if name not in SECTIONS:
+            raise ConfigError(f"unknown section [{name}]")
     registrar = _parse_registrar(_section(data, "registrar"), base_dir)
     cloud_section = data.get("cloud")
     cloud = None if cloud_section is None else _parse_cloud(_section(data, "cloud"), base_dir)

@@ -68,3 +68,15 @@ def test_imgstore_options_before_the_subcommand_count(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert (cache / "catalog.sqlite").exists()
+
+
+def test_a_misspelt_section_is_refused_by_both_daemons(tmp_path: Path) -> None:
+    from registrar import config as registrar_config
+    from registrar.errors import ConfigError as RegistrarConfigError
+
+    conf = tmp_path / "imageproxy.toml"
+    conf.write_text(f'[stroe]\ncache_dir = "{tmp_path}"\n')
+    with pytest.raises(config.ConfigError, match=r"unknown section \[stroe\]"):
+        config.load(conf, {})
+    with pytest.raises(RegistrarConfigError, match=r"unknown section \[stroe\]"):
+        registrar_config.load(conf)
