@@ -9,7 +9,6 @@ object and no image is registered (both listed to prove it). Then the same reque
 from __future__ import annotations
 
 import signal
-import threading
 
 import pytest
 import zeep.exceptions
@@ -17,7 +16,7 @@ import zeep.exceptions
 from tests.faults.s3_faults import S3Faults
 from tests.faults.site import set_keys
 from tests.registrar import e2e_stack
-from tests.registrar.e2e_stack import Stack
+from tests.registrar.e2e_stack import Stack, register_in_background
 from tests.support.cloud import S3_PATH
 from tests.support.images import ImageFactory
 from tests.support.origin import Origin
@@ -99,20 +98,9 @@ def test_registrar_killed_mid_bundle_leaves_no_orphans_and_the_request_is_redone
     set_keys(stack, "cloud", s3_url=s3_faults.url + S3_PATH)
     s3_faults.hold = "manifest upload"  # the parts are in the bucket by then
     registrar = stack.start()
-    outcome: list[BaseException | str] = []
-
-    def call() -> None:
-        try:
-            outcome.append(
-                stack.zeep(registrar).RegisterImage(
-                    url=images.metadata_url, signature=images.metadata_sha1
-                )
-            )
-        except BaseException as exc:
-            outcome.append(exc)
-
-    caller = threading.Thread(target=call)
-    caller.start()
+    caller, outcome = register_in_background(
+        stack.zeep(registrar), images.metadata_url, images.metadata_sha1
+    )
     assert s3_faults.held.wait(60), "no manifest upload arrived"
     assert any(".part." in key for key in stack.cloud.bucket_keys())
     registrar.stop(signal.SIGKILL)  # mid-bundle: parts uploaded, the manifest in flight

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import re
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import zeep.exceptions
 
 from tests.registrar import e2e_stack
-from tests.registrar.e2e_stack import IMGSTORE, Stack
+from tests.registrar.e2e_stack import IMGSTORE, Stack, register_in_background
 from tests.support.faulty import Faults
 from tests.support.images import ImageFactory
 
@@ -52,18 +51,7 @@ def test_imgstore_killed_mid_read_then_the_same_request_succeeds(
     # Request 1 is the probe of the add; request 2 (the first chunk) stalls mid-body.
     faulty_origin.program(fs.name, Faults(), Faults(stall=60.0, stall_at=64 * 1024))
     service = stack.zeep(stack.start())
-    outcome: list[object] = []
-
-    def call() -> None:
-        try:
-            outcome.append(
-                service.RegisterImage(url=images.metadata_url, signature=images.metadata_sha1)
-            )
-        except zeep.exceptions.Fault as exc:
-            outcome.append(exc)
-
-    caller = threading.Thread(target=call)
-    caller.start()
+    caller, outcome = register_in_background(service, images.metadata_url, images.metadata_sha1)
     _wait_paused(faulty_origin, fs.name)  # the read is provably in flight
     stack.mount.kill()
     stack.mount.wait()

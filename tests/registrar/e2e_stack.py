@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -125,6 +126,23 @@ class Stack:
             check=True,
         ).stdout
         return {b["sha1"]: b for b in json.loads(out)}
+
+
+def register_in_background(
+    service: Any, url: str, signature: str
+) -> tuple[threading.Thread, list[BaseException | str]]:
+    """Call RegisterImage on a started thread; its answer or exception lands in the list."""
+    outcome: list[BaseException | str] = []
+
+    def call() -> None:
+        try:
+            outcome.append(service.RegisterImage(url=url, signature=signature))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    return caller, outcome
 
 
 def _healthy(registrar: Registrar) -> bool:

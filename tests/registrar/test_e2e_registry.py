@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from registrar.registry import Registry
 from tests.registrar import e2e_stack
-from tests.registrar.e2e_stack import Stack
+from tests.registrar.e2e_stack import Stack, register_in_background
 from tests.registrar.soap_javaprops import loads
 from tests.support.images import ImageFactory, metadata_xml
 from tests.support.origin import Origin
@@ -110,20 +110,9 @@ def test_registrar_killed_mid_registration_is_cleaned_up_and_redone(
     images = image_factory.publish(origin, size_mib=16, fs_format="raw")
     stack.cloud.hold_pending = True  # kernel and ramdisk register but never become available
     registrar = stack.start()
-    outcome: list[BaseException | str] = []
-
-    def call() -> None:
-        try:
-            outcome.append(
-                stack.zeep(registrar).RegisterImage(
-                    url=images.metadata_url, signature=images.metadata_sha1
-                )
-            )
-        except BaseException as exc:
-            outcome.append(exc)
-
-    caller = threading.Thread(target=call)
-    caller.start()
+    caller, outcome = register_in_background(
+        stack.zeep(registrar), images.metadata_url, images.metadata_sha1
+    )
     _wait_for(lambda: _stuck_in_pending(stack), "kernel and ramdisk registered, stuck pending")
     assert stack.cloud.image_ids() and stack.cloud.bucket_keys()
     registrar.stop(signal.SIGKILL)
@@ -153,20 +142,9 @@ def test_sigterm_mid_registration_exits_promptly_and_the_next_start_cleans_up(
     images = image_factory.publish(origin, size_mib=16, fs_format="raw")
     stack.cloud.hold_pending = True  # the kernel's registration hangs in "pending"
     registrar = stack.start()
-    outcome: list[BaseException | str] = []
-
-    def call() -> None:
-        try:
-            outcome.append(
-                stack.zeep(registrar).RegisterImage(
-                    url=images.metadata_url, signature=images.metadata_sha1
-                )
-            )
-        except BaseException as exc:
-            outcome.append(exc)
-
-    caller = threading.Thread(target=call)
-    caller.start()
+    caller, outcome = register_in_background(
+        stack.zeep(registrar), images.metadata_url, images.metadata_sha1
+    )
     _wait_for(lambda: _stuck_in_pending(stack), "kernel and ramdisk registered, stuck pending")
     # systemd gives 30 s (TimeoutStopSec); the registrar must not wait for the stuck job.
     registrar.proc.send_signal(signal.SIGTERM)
