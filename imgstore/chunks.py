@@ -24,6 +24,7 @@ from imgstore.errors import BlobBusy, CacheFull
 log = logging.getLogger(__name__)
 
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+_WRITE_PIECE = 16 * 1024
 
 
 def chunk_count(size: int, chunk_size: int) -> int:
@@ -78,7 +79,7 @@ class DataFile:
         """Read cached bytes; the caller guarantees the chunks are recorded as present."""
         return os.pread(self.fd, length, off)
 
-    def pread_cached(self, off: int, length: int) -> bytes | None:
+    def pread_cached(self, off: int, length: int) -> bytearray | None:
         """The bytes if the page cache holds all of them, else None; never waits for the disk.
 
         `preadv2(RWF_NOWAIT)` fails with EAGAIN instead of starting disk I/O, so this may run
@@ -96,7 +97,7 @@ class DataFile:
             raise
         if n != length:
             return None  # partly cached: let the thread read it all
-        return bytes(buf)
+        return buf
 
     def write(self, off: int, data: bytes | bytearray | memoryview) -> int:
         """pwrite `data` at `off` (not yet durable); returns the file's allocated bytes.
@@ -106,7 +107,7 @@ class DataFile:
         view = memoryview(data)
         try:
             while view:
-                n = os.pwrite(self.fd, view, off)
+                n = os.pwrite(self.fd, view[:_WRITE_PIECE], off)
                 view = view[n:]
                 off += n
         except OSError as exc:

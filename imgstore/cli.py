@@ -192,7 +192,13 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 def cmd_add(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    blob = client.add(cfg.cache_dir, args.sha1, args.urls, chunk_size=cfg.chunk_size)
+    blob = client.add(
+        cfg.cache_dir,
+        args.sha1,
+        args.urls,
+        chunk_size=cfg.chunk_size,
+        http_proxy=cfg.http_proxy,
+    )
     print(f"{blob.sha1} {blob.size} {blob.state}")
     return EXIT_OK
 

@@ -89,14 +89,19 @@ def add(
     allowed_networks: Sequence[str] = (),
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     connect_timeout: float = 10.0,
+    http_proxy: str = "",
 ) -> BlobInfo:
-    """Declare a blob by SHA-1 and URL(s); see the module docstring."""
+    """Declare a blob by SHA-1 and URL(s); see the module docstring.
+
+    `http_proxy` (the mount's `[store] http_proxy`) is used for trusted URLs' probes, so the
+    probe goes the way the chunks will.
+    """
     sha1 = normalize_sha1(sha1)
     checked = list(dict.fromkeys(check_url(u) for u in urls))  # in order, no duplicates
     if not checked:
         raise BadUrl("at least one URL is needed")
     policy = None if trusted else NetPolicy.from_cidrs(allowed_networks)
-    probes = _run_trio(lambda: _probe_all(checked, connect_timeout, policy))
+    probes = _run_trio(lambda: _probe_all(checked, connect_timeout, policy, http_proxy))
     sizes = {p.size for p in probes.values()}
     if len(sizes) > 1:
         raise OriginError(f"mirrors disagree about the size of {sha1}: {sorted(sizes)}")
@@ -158,13 +163,15 @@ def _with_catalog(cache_dir: os.PathLike[str] | str, fn: Callable[[Catalog], T])
 
 
 async def _probe_all(
-    urls: list[str], connect_timeout: float, policy: NetPolicy | None
+    urls: list[str], connect_timeout: float, policy: NetPolicy | None, http_proxy: str = ""
 ) -> dict[str, Probe]:
     """Probe every URL; at least one must answer. Dead mirrors are logged, not fatal.
 
     With a `policy`, the URLs are untrusted and every connection is checked against it.
     """
-    origin = Origin(connect_timeout=connect_timeout, read_timeout=30.0, policy=policy)
+    origin = Origin(
+        connect_timeout=connect_timeout, read_timeout=30.0, policy=policy, proxy=http_proxy
+    )
     if policy is not None:
         origin.distrust(urls)
     results: dict[str, Probe] = {}

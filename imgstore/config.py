@@ -17,6 +17,9 @@ Keys of `[store]`:
 - `allowed_networks`: CIDRs that URLs from remote users (the registrar's SOAP requests) may reach
   although they are loopback, link-local or this host's (see imgstore/netpolicy.py); default: the
   same file's `[registrar] allowed_networks`, else []
+- `http_proxy`: "http://HOST:PORT" of a caching proxy between this site and the origins (see
+  README, "Many sites, one origin"); default: `http_proxy`/`https_proxy` from the environment.
+  URLs from remote users never go through it (their connections are checked, see netpolicy)
 - `metrics_listen`: "HOST:PORT" where the mount answers `GET /metrics` (Prometheus text); default
   "" (off). See imgstore/metrics.py
 """
@@ -99,6 +102,7 @@ class StoreConfig:
     allow_other: bool = False
     allowed_networks: tuple[str, ...] = ()
     metrics_listen: str = ""
+    http_proxy: str = ""
 
 
 _SIZE_KEYS = {"cache_size", "min_free", "chunk_size", "readahead_max"}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from urllib.parse import urlsplit
 
@@ -24,10 +23,19 @@ import trio
 from imgstore.catalog import Url
 from imgstore.errors import BadUrl, OriginChanged, OriginError
 from imgstore.netpolicy import NetPolicy, guarded_client
+from imgstore.rangeget import (
+    NoRange,
+    RangeGetter,
+    Retry,
+    Unhandled,
+    parse_content_range,
+    strong_etag,
+)
+
+__all__ = ["Origin", "Probe", "RangeNotSupported", "check_url", "parse_content_range"]
 
 log = logging.getLogger(__name__)
 
-_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
 _READ_PIECE = 1024 * 1024
 # httpcore receives bodies in 64 KiB socket reads, each a trip through the trio scheduler and
 # h11; the profile of a cold read had them as the largest cost on the trio thread. One read
@@ -61,29 +69,17 @@ def check_url(url: str) -> str:
     return url
 
 
-def parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:
-    """`bytes a-b/total` -> (a, b+1, total or None); None if absent or malformed."""
-    match = _CONTENT_RANGE.match(value or "")
-    if not match:
-        return None
-    total = None if match.group(3) == "*" else int(match.group(3))
-    return int(match.group(1)), int(match.group(2)) + 1, total
-
-
-def strong_etag(etag: str | None) -> str | None:
-    """If-Range needs a strong validator; weak ETags (W/"…") are not used."""
-    if etag and not etag.startswith("W/"):
-        return etag
-    return None
-
-
 def backoff(attempt: int) -> float:
     """Seconds to wait before retry `attempt` (1-based): exponential, jittered, capped."""
     return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
 
 
 class _Retry(Exception):
-    """Internal: this attempt failed in a way worth retrying."""
+    """Internal: this attempt failed in a way worth retrying, after `received` bytes."""
+
+    def __init__(self, message: str, received: int = 0) -> None:
+        super().__init__(message)
+        self.received = received
 
 
 class Origin:
@@ -95,9 +91,12 @@ class Origin:
         read_timeout: float = 30.0,
         retries: int = 4,
         policy: NetPolicy | None = None,
+        proxy: str | None = None,
     ):
         self.retries = retries
         self.client = httpx.AsyncClient(
+            # The configured proxy, else http_proxy & co. from the environment (trust_env).
+            proxy=proxy or None,
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
             follow_redirects=True,
             trust_env=True,
@@ -108,6 +107,10 @@ class Origin:
         # URLs from remote users connect only where the policy allows (imgstore/netpolicy.py).
         self.guarded = guarded_client(policy or NetPolicy(), self.client)
         self.untrusted: set[str] = set()
+        # Trusted URLs' chunks take the thread path (imgstore/rangeget.py): a body lands in
+        # its chunk buffer with one copy, and the trio thread stays free for FUSE requests.
+        self.getter = RangeGetter(connect_timeout, read_timeout, proxy or None)
+        self.getter_threads = trio.CapacityLimiter(32)
 
     def distrust(self, urls: Iterable[str]) -> None:
         """Fetch these URLs through the guarded client from now on (any untrusted use wins)."""
@@ -117,6 +120,7 @@ class Origin:
         return self.guarded if url in self.untrusted else self.client
 
     async def aclose(self) -> None:
+        self.getter.close()
         await self.client.aclose()
         await self.guarded.aclose()
 
@@ -176,15 +180,20 @@ class Origin:
         from the byte where it stopped. Raises OriginChanged, RangeNotSupported, or OriginError
         when every mirror failed.
         """
-        buf = bytearray()
+        buf = bytearray(end - start)
+        view = memoryview(buf)
+        received = 0
         errors: list[str] = []
         self.distrust(u.url for u in urls if not u.trusted)
         for url, etag in ((u.url, u.etag) for u in urls):
             for attempt in range(1, self.retries + 1):
                 try:
-                    await self._range_once(url, etag, start + len(buf), end, size, buf)
+                    received += await self._range_once(
+                        url, etag, start + received, size, view[received:]
+                    )
                     return buf
                 except _Retry as exc:
+                    received += exc.received
                     errors.append(f"{url}: {exc}")
                     log.info("retrying %s bytes %d-%d: %s", url, start, end - 1, exc)
                     if attempt < self.retries:
@@ -197,10 +206,38 @@ class Origin:
         raise OriginError(f"bytes {start}-{end - 1}: every URL failed; last: {errors[-1]}")
 
     async def _range_once(
-        self, url: str, etag: str | None, start: int, end: int, size: int, buf: bytearray
-    ) -> None:
-        """One GET of [start, end), appending to `buf` (may hold an earlier attempt's bytes)."""
-        need, received = end - start, 0
+        self, url: str, etag: str | None, start: int, size: int, view: memoryview
+    ) -> int:
+        """One GET of the bytes that fill `view`; returns how many landed (all, or raises)."""
+        if url not in self.untrusted and url.lower().startswith(("http://", "https://")):
+            try:
+                # Abandoned on cancel (a read deadline): the thread owns `view`'s buffer until
+                # its socket times out, and nobody else uses that buffer any more.
+                await trio.to_thread.run_sync(
+                    self.getter.get_into,
+                    url,
+                    etag,
+                    start,
+                    size,
+                    view,
+                    limiter=self.getter_threads,
+                    abandon_on_cancel=True,
+                )
+                return len(view)
+            except Retry as exc:
+                raise _Retry(str(exc), exc.received) from exc
+            except NoRange as exc:
+                raise RangeNotSupported(str(exc)) from exc
+            except Unhandled:
+                pass  # a redirect: httpx follows it
+        return await self._httpx_range(url, etag, start, size, view)
+
+    async def _httpx_range(
+        self, url: str, etag: str | None, start: int, size: int, view: memoryview
+    ) -> int:
+        """One GET through httpx (untrusted URLs, redirects), filling `view` from the start."""
+        end = start + len(view)
+        need, received = len(view), 0
         headers = {"Range": f"bytes={start}-{end - 1}"}
         if strong_etag(etag):
             headers["If-Range"] = etag  # type: ignore[assignment]
@@ -222,12 +259,16 @@ class Origin:
                 async for piece in resp.aiter_raw():
                     if received + len(piece) > need:
                         raise OriginError(f"{url}: body longer than the range asked for")
-                    buf += piece
+                    view[received : received + len(piece)] = piece
                     received += len(piece)
         except httpx.HTTPError as exc:
-            raise _Retry(_describe(exc)) from exc
+            raise _Retry(_describe(exc), received) from exc
+        except _Retry as exc:
+            exc.received = received
+            raise
         if received < need:
-            raise _Retry(f"body ended after {received} of {need} bytes")
+            raise _Retry(f"body ended after {received} of {need} bytes", received)
+        return received
 
     async def stream_whole(
         self,

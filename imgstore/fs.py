@@ -30,7 +30,7 @@ from imgstore.errors import (
     StoreError,
     UnknownBlob,
 )
-from imgstore.store import Handle, Store
+from imgstore.store import Buffer, Handle, Store
 from imgstore.verify import normalize_sha1
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ class Operations(pyfuse3.Operations):
         verified = handle.blob.state == "verified"
         return pyfuse3.FileInfo(fh=fh, keep_cache=verified, direct_io=not verified)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> Buffer:
         handle = self.handles[fh]
         try:
             return await self.store.read(handle, off, size)

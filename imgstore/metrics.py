@@ -59,7 +59,7 @@ class ChunkedBlob(Protocol):
 
     size: int
     chunk_size: int
-    present: Mapping[int, int]
+    readable: Mapping[int, int]
 
 
 class CacheState(Protocol):
@@ -107,9 +107,9 @@ class StoreMetrics:
         self._misses = self.chunk_lookups.labels("miss")
 
     def lookup(self, blob: ChunkedBlob, off: int, end: int) -> None:
-        """Count the chunks a read of [off, end) touches as hits (present now) or misses."""
+        """Count the chunks a read of [off, end) touches as hits (cached now) or misses."""
         for idx in chunks_touching(off, end - off, blob.size, blob.chunk_size):
-            (self._hits if idx in blob.present else self._misses).inc()
+            (self._hits if idx in blob.readable else self._misses).inc()
 
     def fetched(self, length: int, seconds: float) -> None:
         """One chunk of `length` bytes came from an origin in `seconds`."""

@@ -31,6 +31,8 @@ from imgstore.verify import PrefixHasher
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# What reads return: pyfuse3 takes any contiguous buffer, so cached bytes are not copied again.
+Buffer = bytes | bytearray | memoryview
 
 # Chunks kept in memory after they became present, per blob: a sequential reader is served
 # from them without a thread hop per request, and the hasher reads them instead of the disk.
@@ -55,6 +57,13 @@ class Blob:
         self.nchunks = chunk_count(rec.size, rec.chunk_size)
         # Chunks whose bytes are durable and recorded in the catalog: index -> length.
         self.present = present
+        # Chunks whose bytes are in the data file (maybe not durable yet): readers and the
+        # hasher use these. A superset of `present`: a chunk is readable as soon as its
+        # pwrite returns, and recorded once an fdatasync covered it (Store._record).
+        self.readable = dict(present)
+        self.recording = 0  # chunks readable but not yet recorded
+        self.hash_stale = False  # a hashed chunk was lost before it was recorded
+        self.wake = trio.Event()  # set (and replaced) when a chunk is lost, and at the verdict
         # Chunks being fetched: index -> event set when the flight ends (success or not).
         self.inflight: dict[int, trio.Event] = {}
         self.failures: dict[int, StoreError] = {}
@@ -67,6 +76,9 @@ class Blob:
         # Group commit (see Store._durable): pwrites done, pwrites known durable, and the
         # event of the fdatasync running now, if any.
         self.writes = 0
+        # One pwrite at a time per blob: parallel writers of one file only spin on its inode
+        # lock (a profile had that at 6 % of the daemon's CPU).
+        self.write_lock = trio.Lock()
         self.synced = 0
         self.syncing: trio.Event | None = None
         self.synced_alloc = 0  # the data file's allocated bytes after the latest fdatasync
@@ -85,22 +97,22 @@ class Blob:
     def complete(self) -> bool:
         return len(self.present) == self.nchunks
 
-    def missing(self, idxs: range | list[int]) -> list[int]:
-        return [i for i in idxs if i not in self.present]
-
     def remember(self, idx: int, data: bytes | bytearray) -> None:
         self.recent[idx] = data
         while len(self.recent) > RECENT_CHUNKS:
             self.recent.popitem(last=False)
 
-    def from_memory(self, off: int, end: int) -> bytes | None:
-        """Bytes [off, end) if they lie in one remembered chunk, else None."""
+    def from_memory(self, off: int, end: int) -> memoryview | None:
+        """Bytes [off, end) if they lie in one remembered chunk, else None.
+
+        A view, not a copy: pyfuse3 copies it into its reply before anything else runs.
+        """
         idx = off // self.chunk_size
         data = self.recent.get(idx)
         if data is None or (end - 1) // self.chunk_size != idx:
             return None
         start = idx * self.chunk_size
-        return bytes(memoryview(data)[off - start : end - start])
+        return memoryview(data)[off - start : end - start]
 
 
 @dataclasses.dataclass
@@ -232,7 +244,9 @@ class Store:
 
     async def _maybe_close(self, blob: Blob) -> None:
         """Close the data file once nothing uses the blob, so eviction may take it."""
-        if blob.opens or blob.inflight or blob.hash_lock.locked() or blob.whole is not None:
+        if blob.opens or blob.inflight or blob.recording or blob.hash_lock.locked():
+            return
+        if blob.whole is not None:
             return
         if blob.closed:
             return
@@ -244,7 +258,7 @@ class Store:
 
     # -- reading ---------------------------------------------------------------------------
 
-    async def read(self, handle: Handle, off: int, size: int) -> bytes:
+    async def read(self, handle: Handle, off: int, size: int) -> Buffer:
         """Bytes [off, off+size) of the blob, fetching what is missing.
 
         Raises BlobCorrupt, OriginError (including the read deadline) or CacheFull. A read that
@@ -316,22 +330,25 @@ class Store:
         The deadline applies to each chunk in turn, not to the whole blob: a large blob from a
         slow origin is fine as long as it keeps arriving.
         """
-        for idx in range(blob.nchunks):
-            self._start_flight(blob, idx)
-        for idx in range(blob.nchunks):
-            with self._deadline(blob, f"chunk {idx}"):
-                await self._ensure(blob, [idx])
-        self.nursery.start_soon(self._advance_hash, blob)
-        await blob.verdict.wait()
+        while not blob.verdict.is_set():
+            wake = blob.wake
+            for idx in range(blob.nchunks):
+                self._start_flight(blob, idx)
+            for idx in range(blob.nchunks):
+                with self._deadline(blob, f"chunk {idx}"):
+                    await self._ensure(blob, [idx])
+            self.nursery.start_soon(self._advance_hash, blob)
+            # The verdict, or a chunk lost before it was durable (fetch it again, go on).
+            await wake.wait()
         if blob.state == "corrupt":
             raise BlobCorrupt(f"blob {blob.sha1} failed verification; re-add it")
 
     async def _ensure(self, blob: Blob, idxs: list[int]) -> None:
-        """Wait until chunks `idxs` are present, starting the flights that are missing."""
+        """Wait until chunks `idxs` are readable, starting the flights that are missing."""
         for idx in idxs:
             self._start_flight(blob, idx)
         for idx in idxs:
-            while idx not in blob.present:
+            while idx not in blob.readable:
                 if blob.state == "corrupt":
                     raise BlobCorrupt(f"blob {blob.sha1} failed verification; re-add it")
                 event = blob.inflight.get(idx)
@@ -342,12 +359,12 @@ class Store:
                     self._start_flight(blob, idx)
                     continue
                 await event.wait()
-                if idx not in blob.present and idx in blob.failures:
+                if idx not in blob.readable and idx in blob.failures:
                     raise blob.failures[idx]
 
     def _start_flight(self, blob: Blob, idx: int) -> None:
         """Single-flight: at most one fetch per chunk; no await between check and claim."""
-        if idx in blob.present or idx in blob.inflight or blob.state == "corrupt":
+        if idx in blob.readable or idx in blob.inflight or blob.state == "corrupt":
             return
         blob.inflight[idx] = trio.Event()
         blob.failures.pop(idx, None)
@@ -370,11 +387,11 @@ class Store:
                     log.warning("%s; streaming the whole body once instead", exc)
                     blob.ranges = False
                     await self._db(self.catalog.set_ranges, blob.sha1, False)
-            if not blob.ranges and idx not in blob.present:
+            if not blob.ranges and idx not in blob.readable:
                 # No overall deadline on a whole body: the HTTP read timeout catches a stall,
                 # and readers waiting on a chunk have their own deadlines.
                 await self._whole_body(blob)
-                if idx not in blob.present and blob.whole_error is not None:
+                if idx not in blob.readable and blob.whole_error is not None:
                     raise blob.whole_error
         except StoreError as exc:
             self.metrics.fetch_errors.inc()
@@ -413,7 +430,7 @@ class Store:
                 chunk = bytes(pending[: end - start])
                 del pending[: end - start]
                 pending_start = end
-                if idx not in blob.present:
+                if idx not in blob.readable:
                     await self._store_chunk(blob, idx, chunk)
 
         try:
@@ -425,40 +442,82 @@ class Store:
             event.set()
 
     async def _store_chunk(self, blob: Blob, idx: int, data: bytes | bytearray) -> None:
-        """Write a chunk durably within the budget, then record it; only then is it present."""
+        """Write a chunk within the budget; it is readable then, and recorded once durable.
+
+        Readers need not wait for the fdatasync and the catalog: until a crash the page cache
+        serves what was written, and after one the catalog lists only durable chunks.
+        """
         generation = blob.generation
         start, end = chunk_span(idx, blob.size, blob.chunk_size)
         assert len(data) == end - start
         async with self.budget.reserve(blob.sha1, end - start):
             try:
-                alloc = await self._io(blob.data.write, start, data)
-                blob.writes += 1
-                await self._durable(blob)
+                alloc = await self._write(blob, start, data)
             except CacheFull:
                 # The disk is fuller than the budget knows: make room once, then give up.
                 await self.budget.make_room(blob.sha1, end - start, force=True)
-                alloc = await self._io(blob.data.write, start, data)
-                blob.writes += 1
-                await self._durable(blob)
-            # Writes and syncs finish in any order, and a blob's file only grows while it is
-            # written (dropping its data needs it closed, and a corrupt one is set to 0 after):
-            # the largest figure seen is the latest.
-            if blob.state == "corrupt":  # its data was dropped meanwhile: no "largest" rule
-                self.budget.allocated[blob.sha1] = alloc
-            else:
-                self.budget.allocated[blob.sha1] = max(
-                    alloc, blob.synced_alloc, self.budget.allocated.get(blob.sha1, 0)
-                )
+                alloc = await self._write(blob, start, data)
+            self._note_allocated(blob, alloc)
         if blob.generation != generation or blob.state == "corrupt":
             return
-        if await self._db(
-            self.catalog.mark_chunk, blob.sha1, generation, idx, end - start, blob.nchunks
-        ):
-            blob.present[idx] = end - start
-            blob.remember(idx, data)
-            if blob.state not in ("verified",):
-                blob.state = "complete" if blob.complete() else "partial"
-            self.nursery.start_soon(self._advance_hash, blob)
+        blob.readable[idx] = end - start
+        blob.remember(idx, data)
+        blob.recording += 1
+        self.nursery.start_soon(self._record, blob, generation, idx)
+        self.nursery.start_soon(self._advance_hash, blob)
+
+    async def _record(self, blob: Blob, generation: int, idx: int) -> None:
+        """Make a written chunk durable, then record it in the catalog: it is present then."""
+        start, end = chunk_span(idx, blob.size, blob.chunk_size)
+        try:
+            try:
+                await self._durable(blob)
+            except StoreError as exc:
+                log.error("blob %s: chunk %d not stored: %s", blob.sha1, idx, exc)
+                self.metrics.fetch_errors.inc()
+                self._lose(blob, idx)
+                return
+            self._note_allocated(blob, blob.synced_alloc)
+            if blob.generation != generation or blob.state == "corrupt":
+                return
+            if await self._db(
+                self.catalog.mark_chunk, blob.sha1, generation, idx, end - start, blob.nchunks
+            ):
+                blob.present[idx] = end - start
+                if blob.state not in ("verified",):
+                    blob.state = "complete" if blob.complete() else "partial"
+                self.nursery.start_soon(self._advance_hash, blob)
+        finally:
+            blob.recording -= 1
+            await self._maybe_close(blob)
+
+    def _lose(self, blob: Blob, idx: int) -> None:
+        """Forget a readable chunk that could not be made durable; it is fetched again."""
+        blob.readable.pop(idx, None)
+        blob.recent.pop(idx, None)
+        blob.wake.set()
+        blob.wake = trio.Event()
+        start, _ = chunk_span(idx, blob.size, blob.chunk_size)
+        if blob.hasher.hashed > start:
+            # Its bytes were hashed, but the copy that would be recorded is not those bytes.
+            blob.hash_stale = True
+
+    def _note_allocated(self, blob: Blob, alloc: int) -> None:
+        # Writes and syncs finish in any order, and a blob's file only grows while it is
+        # written (dropping its data needs it closed, and a corrupt one is set to 0 after):
+        # the largest figure seen is the latest.
+        if blob.state == "corrupt":  # its data was dropped meanwhile: no "largest" rule
+            self.budget.allocated[blob.sha1] = alloc
+        else:
+            self.budget.allocated[blob.sha1] = max(
+                alloc, blob.synced_alloc, self.budget.allocated.get(blob.sha1, 0)
+            )
+
+    async def _write(self, blob: Blob, start: int, data: bytes | bytearray) -> int:
+        async with blob.write_lock:
+            alloc = await self._io(blob.data.write, start, data)
+            blob.writes += 1
+            return alloc
 
     async def _durable(self, blob: Blob) -> None:
         """Return once every pwrite of this blob done before the call is durable.
@@ -498,9 +557,12 @@ class Store:
         except trio.WouldBlock:
             return
         try:
+            if blob.hash_stale:
+                blob.hasher = PrefixHasher(blob.sha1, blob.size)
+                blob.hash_stale = False
             while not blob.hasher.done:
                 idx = blob.hasher.hashed // blob.chunk_size
-                if idx not in blob.present or blob.state == "corrupt":
+                if idx not in blob.readable or blob.state == "corrupt":
                     return
                 start, end = chunk_span(idx, blob.size, blob.chunk_size)
                 data = blob.recent.get(idx)
@@ -509,6 +571,8 @@ class Store:
                 else:
                     await self._io(_hash_range, blob, start, end)
             if blob.hasher.matches():
+                if not blob.complete() or blob.hash_stale:
+                    return  # the last recording calls again; "verified" needs all durable
                 if await self._db(self.catalog.set_state, blob.sha1, blob.generation, "verified"):
                     blob.state = "verified"
                     self.metrics.verified.inc()
@@ -516,6 +580,7 @@ class Store:
             else:
                 await self._corrupt(blob)
             blob.verdict.set()
+            blob.wake.set()
         finally:
             blob.hash_lock.release()
             self.nursery.start_soon(self._maybe_close, blob)
@@ -536,6 +601,7 @@ class Store:
         )
         blob.state = "corrupt"
         blob.present.clear()
+        blob.readable.clear()
         blob.recent.clear()
         await self._io(_punch_all, blob.data)
         self.budget.allocated[blob.sha1] = 0
@@ -558,6 +624,7 @@ class Store:
             else:
                 await self._corrupt(blob)
             blob.verdict.set()
+            blob.wake.set()
         return True
 
 
@@ -575,7 +642,7 @@ async def open_store(cfg: StoreConfig) -> AsyncIterator[Store]:
     """A Store with its catalog, HTTP client and nursery; everything closed on exit."""
     catalog = await trio.to_thread.run_sync(Catalog, cfg.cache_dir)
     policy = NetPolicy.from_cidrs(cfg.allowed_networks)
-    origin = Origin(cfg.connect_timeout, cfg.read_deadline, cfg.retries, policy)
+    origin = Origin(cfg.connect_timeout, cfg.read_deadline, cfg.retries, policy, cfg.http_proxy)
     try:
         async with trio.open_nursery() as nursery:
             store = Store(cfg, catalog, origin, nursery)
