@@ -7,7 +7,8 @@ Keys of `[store]`:
 - `cache_size`: hard budget on allocated bytes, e.g. "50G" (default: unlimited)
 - `min_free`: keep at least this much free on the cache filesystem (default "1G")
 - `chunk_size`: fetch unit, aligned, default "4MiB"
-- `readahead_max`: largest readahead window of a sequential reader, default "64MiB"
+- `readahead_max`: largest readahead window of a sequential reader, default "32MiB" (at 64 MiB
+  a cold read ran no faster on loopback and held 25 MiB more chunk buffers)
 - `max_requests`: ranged requests in flight per blob, default 8
 - `read_deadline`: seconds a read may wait for the origin before failing with EIO, default 60
 - `connect_timeout`: seconds, default 10
@@ -93,7 +94,7 @@ class StoreConfig:
     cache_size: int | None = None
     min_free: int = 1 * GiB
     chunk_size: int = 4 * MiB
-    readahead_max: int = 64 * MiB
+    readahead_max: int = 32 * MiB
     max_requests: int = 8
     read_deadline: float = 60.0
     connect_timeout: float = 10.0

@@ -7,6 +7,7 @@ guards a chunk, how waiters are woken, what is persisted when) are in docs/imgst
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import functools
@@ -120,7 +121,10 @@ class Handle:
     """One open file: what it has read, and its sequential-read state for readahead."""
 
     blob: Blob
+    # Disjoint, sorted spans this handle has read, and their total: a random reader makes
+    # thousands, so each read costs a bisect, not a sort of them all.
     covered: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    covered_bytes: int = 0
     # Reads of this handle still in progress count as covered when deciding whether a read
     # completes the handle: of two concurrent reads, the later one is gated.
     pending: list[tuple[int, int]] = dataclasses.field(default_factory=list)
@@ -129,10 +133,23 @@ class Handle:
 
     def would_complete(self, start: int, end: int) -> bool:
         """True if reading [start, end) makes this handle's reads cover the whole blob."""
+        extra = end - start + sum(e - s for s, e in self.pending)
+        if self.covered_bytes + extra < self.blob.size:
+            return False  # too few bytes, whatever they are
         return _covers(_merge([*self.covered, *self.pending, (start, end)]), self.blob.size)
 
     def add(self, start: int, end: int) -> None:
-        self.covered = _merge([*self.covered, (start, end)])
+        spans = self.covered
+        i = bisect.bisect_left(spans, (start,))
+        if i and spans[i - 1][1] >= start:
+            i -= 1
+            start = spans[i][0]
+        j = i
+        while j < len(spans) and spans[j][0] <= end:
+            end = max(end, spans[j][1])
+            j += 1
+        self.covered_bytes += end - start - sum(e - s for s, e in spans[i:j])
+        spans[i:j] = [(start, end)]
 
 
 def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:

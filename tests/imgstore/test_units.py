@@ -7,13 +7,15 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from imgstore.catalog import Catalog, Url
 from imgstore.chunks import chunk_span, chunks_touching
 from imgstore.config import load, parse_size
 from imgstore.errors import BadSha1, BadUrl, ConfigError, UnknownBlob
 from imgstore.fetcher import check_url, parse_content_range
-from imgstore.store import _covers, _merge
+from imgstore.store import Handle, _covers, _merge
 from imgstore.verify import normalize_sha1
 
 MiB = 1024 * 1024
@@ -158,3 +160,29 @@ def test_client_api_records_untrusted_urls_and_refuses_a_wrong_size(tmp_path, or
     with pytest.raises(OriginError, match="5000"):
         client.add(tmp_path, sha1, [origin.put("b.bin", data + b"x")])
     assert [b.sha1 for b in client.list_blobs(tmp_path)] == [sha1]
+
+
+class _Sized:
+    size = 10_000
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 9_999), st.integers(1, 3_000)), min_size=1, max_size=40),
+    st.integers(0, 9_999),
+)
+def test_a_handle_tracks_what_it_read_as_a_plain_merge_would(
+    reads: list[tuple[int, int]], last: int
+) -> None:
+    # Handle.add keeps its spans incrementally (a random reader makes thousands); it must
+    # agree with merging everything from scratch, and so must the gate on the last read.
+    handle = Handle(_Sized())  # type: ignore[arg-type]
+    spans: list[tuple[int, int]] = []
+    for start, length in reads:
+        end = min(_Sized.size, start + length)
+        handle.add(start, end)
+        spans = _merge([*spans, (start, end)])
+        assert handle.covered == spans
+        assert handle.covered_bytes == sum(e - s for s, e in spans)
+        completes = _merge([*spans, (last, _Sized.size)]) == [(0, _Sized.size)]
+        assert handle.would_complete(last, _Sized.size) is completes
