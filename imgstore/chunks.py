@@ -99,6 +99,16 @@ class DataFile:
             return None  # partly cached: let the thread read it all
         return buf
 
+    def will_need(self, off: int, length: int) -> None:
+        """Start reading [off, off+length) into the page cache (readahead for a reader).
+
+        Only a hint: an error (the file was closed meanwhile) is ignored.
+        """
+        try:
+            os.posix_fadvise(self.fd, off, length, os.POSIX_FADV_WILLNEED)
+        except OSError as exc:
+            log.debug("readahead hint for %s failed: %s", self.path.name, exc)
+
     def write(self, off: int, data: bytes | bytearray | memoryview) -> int:
         """pwrite `data` at `off` (not yet durable); returns the file's allocated bytes.
 

@@ -15,7 +15,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pyfuse3
 import trio
@@ -71,9 +71,11 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     supports_dot_lookup = False
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, on_first_open: Callable[[], None] | None = None) -> None:
         super().__init__()
         self.store = store
+        # Mount tuning that must wait until the kernel has finished FUSE's INIT handshake.
+        self._on_first_open = on_first_open
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self.uid = os.getuid()
@@ -162,6 +164,9 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
+        if self._on_first_open is not None:
+            tune, self._on_first_open = self._on_first_open, None
+            tune()
         rec = await self._record(inode)
         try:
             handle = await self.store.open(rec.sha1)

@@ -102,6 +102,45 @@ def mount_options(cfg: StoreConfig) -> set[str]:
     return options
 
 
+def set_readahead(mountpoint: Path, size: int) -> None:
+    """Let the kernel read ahead `size` bytes for readers of verified blobs (page cache).
+
+    A FUSE mount starts with 128 KiB, so a warm read came to the daemon in small pieces. Half
+    the store's own window (16 MiB by default) cut a warm 1 GiB read's daemon CPU by a third;
+    the whole window was no faster and took more CPU. Only root may change it; otherwise the
+    default stays, which is slower but correct.
+    """
+    device = _mount_device(mountpoint)
+    if device is None:
+        log.debug("no mountinfo line for %s: readahead left as is", mountpoint)
+        return
+    path = Path("/sys/class/bdi") / device / "read_ahead_kb"
+    try:
+        path.write_text(f"{max(128, size // 2 // 1024)}\n")
+    except OSError as exc:
+        log.debug("cannot set %s: %s", path, exc)
+
+
+def _mount_device(mountpoint: Path) -> str | None:
+    """ "major:minor" of the mount at `mountpoint`, from /proc/self/mountinfo.
+
+    Not from stat(): that would be a FUSE request to this very process, which does not
+    answer yet.
+    """
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    found = None
+    for line in lines:
+        fields = line.split()
+        # Spaces and the like are octal escapes (\040) in mountinfo.
+        where = fields[4].encode().decode("unicode_escape") if len(fields) > 4 else ""
+        if where == str(mountpoint):
+            found = fields[2]  # the last one is the mount on top
+    return found
+
+
 def run_mount(cfg: StoreConfig, mountpoint: Path, foreground: bool) -> None:
     """Mount and serve until unmounted or signalled; see the module docstring."""
     # abspath, not resolve(): stat on a dead mount fails, and the daemon chdirs to /.
@@ -150,7 +189,10 @@ async def _serve(cfg: StoreConfig, mountpoint: Path, ready_fd: int | None) -> No
         if listener is not None:
             await store.nursery.start(metrics.serve, store.metrics, listener)
         try:
-            pyfuse3.init(Operations(store), str(mountpoint), mount_options(cfg))
+            # The kernel sets a FUSE mount's readahead when it gets the answer to INIT,
+            # after init() returns: so the first open sets it.
+            ops = Operations(store, lambda: set_readahead(mountpoint, cfg.readahead_max))
+            pyfuse3.init(ops, str(mountpoint), mount_options(cfg))
         except RuntimeError as exc:
             raise MountError(f"cannot mount {mountpoint}: {exc}") from None
         try:

@@ -130,6 +130,7 @@ class Handle:
     pending: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     next_off: int = 0
     window: int = 0
+    advised: int = 0  # the page cache was asked to read the data file up to here
 
     def would_complete(self, start: int, end: int) -> bool:
         """True if reading [start, end) makes this handle's reads cover the whole blob."""
@@ -322,9 +323,19 @@ class Store:
         else:
             handle.window = 0
         handle.next_off = end
-        if handle.window:
-            for idx in chunks_touching(end, handle.window, blob.size, blob.chunk_size):
-                self._start_flight(blob, idx)
+        if not handle.window:
+            return
+        for idx in chunks_touching(end, handle.window, blob.size, blob.chunk_size):
+            self._start_flight(blob, idx)
+        if blob.complete():
+            # All on disk: have the kernel read the window into the page cache now, so the
+            # reads to come are served on the trio thread (pread_cached) and not one by one
+            # from the disk. What was asked for before is not asked for again.
+            lo = max(end, handle.advised)
+            hi = min(blob.size, end + handle.window)
+            if hi - lo >= blob.chunk_size or (hi == blob.size and hi > lo):
+                handle.advised = hi
+                self.nursery.start_soon(self._io, blob.data.will_need, lo, hi - lo)
 
     async def fetch_all(self, handle: Handle) -> None:
         """Fetch every chunk and wait for the verdict (for `imgstore fetch`)."""
@@ -467,13 +478,16 @@ class Store:
         generation = blob.generation
         start, end = chunk_span(idx, blob.size, blob.chunk_size)
         assert len(data) == end - start
-        async with self.budget.reserve(blob.sha1, end - start):
+        # The write lock first: a chunk waiting for its turn holds no reservation, so a small
+        # disk is not "full" of reservations for writes that cannot run yet.
+        async with blob.write_lock, self.budget.reserve(blob.sha1, end - start):
             try:
-                alloc = await self._write(blob, start, data)
+                alloc = await self._io(blob.data.write, start, data)
             except CacheFull:
                 # The disk is fuller than the budget knows: make room once, then give up.
                 await self.budget.make_room(blob.sha1, end - start, force=True)
-                alloc = await self._write(blob, start, data)
+                alloc = await self._io(blob.data.write, start, data)
+            blob.writes += 1
             self._note_allocated(blob, alloc)
         if blob.generation != generation or blob.state == "corrupt":
             return
@@ -529,12 +543,6 @@ class Store:
             self.budget.allocated[blob.sha1] = max(
                 alloc, blob.synced_alloc, self.budget.allocated.get(blob.sha1, 0)
             )
-
-    async def _write(self, blob: Blob, start: int, data: bytes | bytearray) -> int:
-        async with blob.write_lock:
-            alloc = await self._io(blob.data.write, start, data)
-            blob.writes += 1
-            return alloc
 
     async def _durable(self, blob: Blob) -> None:
         """Return once every pwrite of this blob done before the call is durable.
