@@ -79,16 +79,19 @@ class DataFile:
         """Read cached bytes; the caller guarantees the chunks are recorded as present."""
         return os.pread(self.fd, length, off)
 
-    def pread_cached(self, off: int, length: int) -> bytearray | None:
+    def pread_cached(self, off: int, length: int, buf: bytearray) -> memoryview | None:
         """The bytes if the page cache holds all of them, else None; never waits for the disk.
 
         `preadv2(RWF_NOWAIT)` fails with EAGAIN instead of starting disk I/O, so this may run
         on the trio thread: a 1 MiB copy from the page cache costs far less than the thread
         hop of `pread` (~1.5 ms a read in a cold-read profile). Same contract as `pread`.
+        The bytes land in `buf` (grown if short), and a view of them is returned.
         """
-        buf = bytearray(length)
+        if len(buf) < length:
+            buf.extend(bytes(length - len(buf)))
+        view = memoryview(buf)[:length]
         try:
-            n = os.preadv(self.fd, [buf], off, _RWF_NOWAIT)
+            n = os.preadv(self.fd, [view], off, _RWF_NOWAIT)
         except (BlockingIOError, InterruptedError):
             return None
         except OSError as exc:
@@ -97,7 +100,7 @@ class DataFile:
             raise
         if n != length:
             return None  # partly cached: let the thread read it all
-        return buf
+        return view
 
     def will_need(self, off: int, length: int) -> None:
         """Start reading [off, off+length) into the page cache (readahead for a reader).

@@ -20,6 +20,7 @@ import httpcore
 import httpx
 import trio
 
+from imgstore.buffers import BufferPool
 from imgstore.catalog import Url
 from imgstore.errors import BadUrl, OriginChanged, OriginError
 from imgstore.netpolicy import NetPolicy, guarded_client
@@ -92,8 +93,10 @@ class Origin:
         retries: int = 4,
         policy: NetPolicy | None = None,
         proxy: str | None = None,
+        pool: BufferPool | None = None,
     ):
         self.retries = retries
+        self.pool = pool
         self.client = httpx.AsyncClient(
             # The configured proxy, else http_proxy & co. from the environment (trust_env).
             proxy=proxy or None,
@@ -180,7 +183,7 @@ class Origin:
         from the byte where it stopped. Raises OriginChanged, RangeNotSupported, or OriginError
         when every mirror failed.
         """
-        buf = bytearray(end - start)
+        buf = self.pool.take(end - start) if self.pool else bytearray(end - start)
         view = memoryview(buf)
         received = 0
         errors: list[str] = []

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import trio
 
 from imgstore.budget import Budget
+from imgstore.buffers import BufferPool
 from imgstore.catalog import BlobRecord, Catalog
 from imgstore.chunks import DataFile, chunk_count, chunk_span, chunks_touching
 from imgstore.config import StoreConfig
@@ -190,6 +191,10 @@ class Store:
         self.metrics = StoreMetrics()
         self.metrics.watch_cache(self.budget, cfg.cache_size, cfg.min_free)
         self._open_lock = trio.Lock()
+        # The trio thread's buffer for reads from the page cache, reused: a fresh 1 MiB per
+        # read cost page faults. Safe because nothing awaits between filling it and pyfuse3
+        # copying it into the reply (Store.read returns, Operations.read returns, it replies).
+        self._read_buf = bytearray()
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(functools.partial(fn, *args), limiter=self.db_limiter)
@@ -281,6 +286,7 @@ class Store:
 
         Raises BlobCorrupt, OriginError (including the read deadline) or CacheFull. A read that
         would complete the handle's coverage of the blob returns only after the SHA-1 matched.
+        The result may be a view of a reused buffer: copy it before the next await.
         """
         blob = handle.blob
         if blob.state == "corrupt":
@@ -301,7 +307,7 @@ class Store:
                     await self._ensure(blob, touched)
             data = blob.from_memory(off, end)
             if data is None and _NOWAIT_READS:
-                data = blob.data.pread_cached(off, end - off)
+                data = blob.data.pread_cached(off, end - off, self._read_buf)
             if data is None:
                 data = await self._io(blob.data.pread, off, end - off)
         finally:
@@ -667,7 +673,12 @@ async def open_store(cfg: StoreConfig) -> AsyncIterator[Store]:
     """A Store with its catalog, HTTP client and nursery; everything closed on exit."""
     catalog = await trio.to_thread.run_sync(Catalog, cfg.cache_dir)
     policy = NetPolicy.from_cidrs(cfg.allowed_networks)
-    origin = Origin(cfg.connect_timeout, cfg.read_deadline, cfg.retries, policy, cfg.http_proxy)
+    # Enough chunk buffers for the requests in flight, the recent chunks and a few being
+    # written or hashed; more are allocated (and freed) when a burst needs them.
+    pool = BufferPool(cfg.chunk_size, cfg.max_requests + RECENT_CHUNKS + 4)
+    origin = Origin(
+        cfg.connect_timeout, cfg.read_deadline, cfg.retries, policy, cfg.http_proxy, pool
+    )
     try:
         async with trio.open_nursery() as nursery:
             store = Store(cfg, catalog, origin, nursery)
