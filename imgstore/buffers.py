@@ -7,11 +7,18 @@ lifetimes (the fetch thread, the write, the hasher's thread, the in-memory cache
 chunks, a fetch thread abandoned at a deadline that may still write into it), so the pool
 does not ask them to give buffers back: a buffer is free when only the pool refers to it,
 which CPython's reference count says exactly (a memoryview of it counts as a reference too).
+
+Pooled buffers are anonymous mappings, so they are page-aligned: the data file may write them
+with O_DIRECT (see chunks.DataFile.write).
 """
 
 from __future__ import annotations
 
+import mmap
 import sys
+
+# A chunk's bytes: pooled (page-aligned) or not (a blob's short last chunk, a whole-body piece).
+ChunkBuffer = bytearray | mmap.mmap
 
 # References to a pooled buffer that is free: the pool's list, the loop variable in `take`,
 # and getrefcount's own argument.
@@ -24,16 +31,16 @@ class BufferPool:
     def __init__(self, size: int, keep: int) -> None:
         self.size = size
         self.keep = keep
-        self._bufs: list[bytearray] = []
+        self._bufs: list[mmap.mmap] = []
 
-    def take(self, size: int) -> bytearray:
+    def take(self, size: int) -> ChunkBuffer:
         """A buffer of exactly `size` bytes (contents undefined): a free pooled one if any."""
         if size != self.size:
             return bytearray(size)  # the short last chunk of a blob: not worth keeping
         for buf in self._bufs:
             if sys.getrefcount(buf) == _FREE_REFS:
                 return buf
-        buf = bytearray(size)
+        buf = mmap.mmap(-1, size)
         if len(self._bufs) < self.keep:
             self._bufs.append(buf)
         return buf

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import mmap
 import os
 from pathlib import Path
 
@@ -24,7 +25,14 @@ from imgstore.errors import BlobBusy, CacheFull
 log = logging.getLogger(__name__)
 
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+# Buffered writes go in pieces of this size. On a VM whose freed memory goes back to the host
+# (free page reporting), a whole 4 MiB pwrite made ext4 allocate large page-cache folios from
+# memory the host had reclaimed: 3.3 s of kernel time per GiB against 0.3 s in 16 KiB pieces,
+# which is also what curl writes.
 _WRITE_PIECE = 16 * 1024
+# O_DIRECT needs offsets, lengths and buffer addresses aligned to the device's blocks; a page
+# is enough for every device.
+DIRECT_ALIGN = 4096
 
 
 def chunk_count(size: int, chunk_size: int) -> int:
@@ -63,6 +71,7 @@ class DataFile:
         except FileNotFoundError:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             self.created = True  # any chunk the catalog remembers is gone
+        self.direct_fd: int | None = None  # opened at the first direct write; -1: unsupported
         try:
             # Blocking is brief: the exclusive holder only truncates the file.
             fcntl.flock(self.fd, fcntl.LOCK_SH)
@@ -73,6 +82,8 @@ class DataFile:
             raise
 
     def close(self) -> None:
+        if self.direct_fd is not None and self.direct_fd >= 0:
+            os.close(self.direct_fd)
         os.close(self.fd)  # also releases the flock
 
     def pread(self, off: int, length: int) -> bytes:
@@ -112,13 +123,23 @@ class DataFile:
         except OSError as exc:
             log.debug("readahead hint for %s failed: %s", self.path.name, exc)
 
-    def write(self, off: int, data: bytes | bytearray | memoryview) -> int:
+    def write(
+        self, off: int, data: bytes | bytearray | memoryview | mmap.mmap, direct: bool = False
+    ) -> int:
         """pwrite `data` at `off` (not yet durable); returns the file's allocated bytes.
 
+        `direct`: `data` is page-aligned (a pooled buffer) and will be served from memory, so
+        its aligned part goes to the disk with O_DIRECT, past the page cache: no kernel copy
+        and no page-cache memory to allocate (see _WRITE_PIECE for what that costs here). A
+        filesystem without O_DIRECT gets a buffered write instead.
         Raises CacheFull on ENOSPC/EDQUOT: the caller may evict and retry once.
         """
         view = memoryview(data)
         try:
+            if direct and off % DIRECT_ALIGN == 0:
+                done = self._write_direct(off, view[: len(view) - len(view) % DIRECT_ALIGN])
+                view = view[done:]
+                off += done
             while view:
                 n = os.pwrite(self.fd, view[:_WRITE_PIECE], off)
                 view = view[n:]
@@ -127,6 +148,28 @@ class DataFile:
             _raise_if_full(exc, self.path)
             raise
         return allocated(self.fd)
+
+    def _write_direct(self, off: int, view: memoryview) -> int:
+        """Write what O_DIRECT can of `view` at `off`; returns the bytes written."""
+        if self.direct_fd is None:
+            try:
+                self.direct_fd = os.open(self.path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                log.debug("%s: no O_DIRECT here (%s); buffered writes", self.path, exc)
+                self.direct_fd = -1
+        done = 0
+        while self.direct_fd >= 0 and done < len(view):
+            try:
+                done += os.pwrite(self.direct_fd, view[done:], off + done)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                log.debug("%s: O_DIRECT write refused (%s); buffered writes", self.path, exc)
+                os.close(self.direct_fd)
+                self.direct_fd = -1
+        return done
 
     def sync(self) -> int:
         """fdatasync: every byte written before this call is durable when it returns.

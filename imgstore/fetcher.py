@@ -20,7 +20,7 @@ import httpcore
 import httpx
 import trio
 
-from imgstore.buffers import BufferPool
+from imgstore.buffers import BufferPool, ChunkBuffer
 from imgstore.catalog import Url
 from imgstore.errors import BadUrl, OriginChanged, OriginError
 from imgstore.netpolicy import NetPolicy, guarded_client
@@ -175,7 +175,9 @@ class Origin:
                 total += len(piece)
         return total
 
-    async def fetch_range(self, urls: Sequence[Url], start: int, end: int, size: int) -> bytearray:
+    async def fetch_range(
+        self, urls: Sequence[Url], start: int, end: int, size: int
+    ) -> ChunkBuffer:
         """Bytes [start, end) of the blob, trying each mirror with bounded retries.
 
         Each `Url` carries the ETag its mirror had when probed (and whether it is trusted, for

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import trio
 
 from imgstore.budget import Budget
-from imgstore.buffers import BufferPool
+from imgstore.buffers import BufferPool, ChunkBuffer
 from imgstore.catalog import BlobRecord, Catalog
 from imgstore.chunks import DataFile, chunk_count, chunk_span, chunks_touching
 from imgstore.config import StoreConfig
@@ -36,9 +36,11 @@ T = TypeVar("T")
 # What reads return: pyfuse3 takes any contiguous buffer, so cached bytes are not copied again.
 Buffer = bytes | bytearray | memoryview
 
-# Chunks kept in memory after they became present, per blob: a sequential reader is served
+# Chunks kept in memory after they became readable, per blob: a sequential reader is served
 # from them without a thread hop per request, and the hasher reads them instead of the disk.
-RECENT_CHUNKS = 4
+# As many as the readahead window holds (32 MiB of 4 MiB chunks): a sequential reader's
+# chunks are written with O_DIRECT, so the page cache does not have them.
+RECENT_CHUNKS = 8
 # Reads the page cache holds are served on the trio thread (RWF_NOWAIT never waits for the
 # disk); others take a worker thread.
 _NOWAIT_READS = hasattr(os, "RWF_NOWAIT") and hasattr(os, "preadv")
@@ -71,7 +73,7 @@ class Blob:
         self.failures: dict[int, StoreError] = {}
         # Copies of the last few present chunks (index -> bytes), oldest first; only chunks in
         # `present`, cleared with it.
-        self.recent: OrderedDict[int, bytes | bytearray] = OrderedDict()
+        self.recent: OrderedDict[int, bytes | ChunkBuffer] = OrderedDict()
         self.whole: trio.Event | None = None  # set when a whole-body stream ends
         self.whole_error: StoreError | None = None
         self.requests = trio.CapacityLimiter(max_requests)
@@ -99,7 +101,7 @@ class Blob:
     def complete(self) -> bool:
         return len(self.present) == self.nchunks
 
-    def remember(self, idx: int, data: bytes | bytearray) -> None:
+    def remember(self, idx: int, data: bytes | ChunkBuffer) -> None:
         self.recent[idx] = data
         while len(self.recent) > RECENT_CHUNKS:
             self.recent.popitem(last=False)
@@ -332,7 +334,7 @@ class Store:
         if not handle.window:
             return
         for idx in chunks_touching(end, handle.window, blob.size, blob.chunk_size):
-            self._start_flight(blob, idx)
+            self._start_flight(blob, idx, direct=True)
         if blob.complete():
             # All on disk: have the kernel read the window into the page cache now, so the
             # reads to come are served on the trio thread (pread_cached) and not one by one
@@ -367,7 +369,7 @@ class Store:
         while not blob.verdict.is_set():
             wake = blob.wake
             for idx in range(blob.nchunks):
-                self._start_flight(blob, idx)
+                self._start_flight(blob, idx, direct=True)
             for idx in range(blob.nchunks):
                 with self._deadline(blob, f"chunk {idx}"):
                     await self._ensure(blob, [idx])
@@ -396,15 +398,20 @@ class Store:
                 if idx not in blob.readable and idx in blob.failures:
                     raise blob.failures[idx]
 
-    def _start_flight(self, blob: Blob, idx: int) -> None:
-        """Single-flight: at most one fetch per chunk; no await between check and claim."""
+    def _start_flight(self, blob: Blob, idx: int, direct: bool = False) -> None:
+        """Single-flight: at most one fetch per chunk; no await between check and claim.
+
+        `direct`: for a sequential reader (readahead, a whole-blob fetch), whose chunks are
+        served from memory as they land: the data file gets them with O_DIRECT. A random
+        reader's chunk goes through the page cache, which serves its later reads.
+        """
         if idx in blob.readable or idx in blob.inflight or blob.state == "corrupt":
             return
         blob.inflight[idx] = trio.Event()
         blob.failures.pop(idx, None)
-        self.nursery.start_soon(self._flight, blob, idx)
+        self.nursery.start_soon(self._flight, blob, idx, direct)
 
-    async def _flight(self, blob: Blob, idx: int) -> None:
+    async def _flight(self, blob: Blob, idx: int, direct: bool) -> None:
         try:
             if blob.ranges:
                 try:
@@ -416,7 +423,7 @@ class Store:
                         with self._deadline(blob, f"chunk {idx}"):
                             data = await self.origin.fetch_range(blob.urls, start, end, blob.size)
                         self.metrics.fetched(len(data), trio.current_time() - began)
-                    await self._store_chunk(blob, idx, data)
+                    await self._store_chunk(blob, idx, data, direct)
                 except RangeNotSupported as exc:
                     log.warning("%s; streaming the whole body once instead", exc)
                     blob.ranges = False
@@ -475,7 +482,9 @@ class Store:
             event, blob.whole = blob.whole, None
             event.set()
 
-    async def _store_chunk(self, blob: Blob, idx: int, data: bytes | bytearray) -> None:
+    async def _store_chunk(
+        self, blob: Blob, idx: int, data: bytes | ChunkBuffer, direct: bool = False
+    ) -> None:
         """Write a chunk within the budget; it is readable then, and recorded once durable.
 
         Readers need not wait for the fdatasync and the catalog: until a crash the page cache
@@ -488,11 +497,11 @@ class Store:
         # disk is not "full" of reservations for writes that cannot run yet.
         async with blob.write_lock, self.budget.reserve(blob.sha1, end - start):
             try:
-                alloc = await self._io(blob.data.write, start, data)
+                alloc = await self._io(blob.data.write, start, data, direct)
             except CacheFull:
                 # The disk is fuller than the budget knows: make room once, then give up.
                 await self.budget.make_room(blob.sha1, end - start, force=True)
-                alloc = await self._io(blob.data.write, start, data)
+                alloc = await self._io(blob.data.write, start, data, direct)
             blob.writes += 1
             self._note_allocated(blob, alloc)
         if blob.generation != generation or blob.state == "corrupt":
@@ -675,7 +684,7 @@ async def open_store(cfg: StoreConfig) -> AsyncIterator[Store]:
     policy = NetPolicy.from_cidrs(cfg.allowed_networks)
     # Enough chunk buffers for the requests in flight, the recent chunks and a few being
     # written or hashed; more are allocated (and freed) when a burst needs them.
-    pool = BufferPool(cfg.chunk_size, cfg.max_requests + RECENT_CHUNKS + 4)
+    pool = BufferPool(cfg.chunk_size, cfg.max_requests + RECENT_CHUNKS + 2)
     origin = Origin(
         cfg.connect_timeout, cfg.read_deadline, cfg.retries, policy, cfg.http_proxy, pool
     )
