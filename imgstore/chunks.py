@@ -77,6 +77,11 @@ class DataFile:
             fcntl.flock(self.fd, fcntl.LOCK_SH)
             if os.fstat(self.fd).st_size != size:
                 os.ftruncate(self.fd, size)
+            # No kernel readahead on this file: it would cache pages of chunks not written
+            # yet (holes), and an O_DIRECT write that lands there later may fail to drop
+            # them, so a later read would see the hole's zeros. Reads ask for what they need
+            # (readable chunks only), and `will_need` asks for more once a blob is complete.
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
         except BaseException:
             os.close(self.fd)
             raise

@@ -74,6 +74,8 @@ class Blob:
         # Copies of the last few present chunks (index -> bytes), oldest first; only chunks in
         # `present`, cleared with it.
         self.recent: OrderedDict[int, bytes | ChunkBuffer] = OrderedDict()
+        # Readable chunks not yet in the data file (Store._write_behind): served from here.
+        self.unwritten: dict[int, bytes | ChunkBuffer] = {}
         self.whole: trio.Event | None = None  # set when a whole-body stream ends
         self.whole_error: StoreError | None = None
         self.requests = trio.CapacityLimiter(max_requests)
@@ -106,13 +108,18 @@ class Blob:
         while len(self.recent) > RECENT_CHUNKS:
             self.recent.popitem(last=False)
 
+    def memory(self, idx: int) -> bytes | ChunkBuffer | None:
+        """Chunk `idx`'s bytes if this process holds them in memory."""
+        data = self.unwritten.get(idx)
+        return data if data is not None else self.recent.get(idx)
+
     def from_memory(self, off: int, end: int) -> memoryview | None:
         """Bytes [off, end) if they lie in one remembered chunk, else None.
 
         A view, not a copy: pyfuse3 copies it into its reply before anything else runs.
         """
         idx = off // self.chunk_size
-        data = self.recent.get(idx)
+        data = self.memory(idx)
         if data is None or (end - 1) // self.chunk_size != idx:
             return None
         start = idx * self.chunk_size
@@ -193,6 +200,8 @@ class Store:
         self.metrics = StoreMetrics()
         self.metrics.watch_cache(self.budget, cfg.cache_size, cfg.min_free)
         self._open_lock = trio.Lock()
+        # Slots for chunks a sequential reader's flights fetch and `_write_behind` writes.
+        self.behind = trio.Semaphore(RECENT_CHUNKS)
         # The trio thread's buffer for reads from the page cache, reused: a fresh 1 MiB per
         # read cost page faults. Safe because nothing awaits between filling it and pyfuse3
         # copying it into the reply (Store.read returns, Operations.read returns, it replies).
@@ -279,7 +288,11 @@ class Store:
         self.live.discard(blob)
         if self.blobs.get(blob.sha1) is blob:
             del self.blobs[blob.sha1]
-        await self._io(blob.data.close)
+        # Shielded: it is out of `live` now, so a cancelled close (the store shutting down
+        # while the disk threads are busy) would leak the fd and its flock, and no eviction
+        # in this process could take the blob any more.
+        with trio.CancelScope(shield=True):
+            await self._io(blob.data.close)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -308,6 +321,13 @@ class Store:
                 with self._deadline(blob, f"bytes {off}-{end - 1}"):
                     await self._ensure(blob, touched)
             data = blob.from_memory(off, end)
+            if data is None and any(
+                i in blob.unwritten
+                for i in chunks_touching(off, end - off, blob.size, blob.chunk_size)
+            ):
+                # Across a chunk boundary, and one side is only in memory (written behind):
+                # the data file does not have it yet.
+                data = await self._assemble(blob, off, end)
             if data is None and _NOWAIT_READS:
                 data = blob.data.pread_cached(off, end - off, self._read_buf)
             if data is None:
@@ -322,6 +342,23 @@ class Store:
         handle.add(off, end)
         self.metrics.served_bytes.inc(len(data))
         return data
+
+    async def _assemble(self, blob: Blob, off: int, end: int) -> bytes:
+        """Bytes [off, end) piece by piece: each chunk's from memory if there, else the file.
+
+        A chunk not in memory is in the data file: it was readable (the caller waited) and
+        it is not waiting to be written, since those stay in memory until they are.
+        """
+        pieces: list[bytes] = []
+        for idx in chunks_touching(off, end - off, blob.size, blob.chunk_size):
+            start, stop = chunk_span(idx, blob.size, blob.chunk_size)
+            lo, hi = max(off, start), min(end, stop)
+            data = blob.memory(idx)
+            if data is not None:
+                pieces.append(bytes(memoryview(data)[lo - start : hi - start]))
+            else:
+                pieces.append(await self._io(blob.data.pread, lo, hi - lo))
+        return b"".join(pieces)
 
     def _readahead(self, handle: Handle, off: int, end: int) -> None:
         """Grow the window for sequential readers; random reads get none."""
@@ -412,7 +449,12 @@ class Store:
         self.nursery.start_soon(self._flight, blob, idx, direct)
 
     async def _flight(self, blob: Blob, idx: int, direct: bool) -> None:
+        slot = False
         try:
+            if direct:
+                # Chunks fetched but not yet written are held in memory: bound them.
+                await self.behind.acquire()
+                slot = True
             if blob.ranges:
                 try:
                     async with blob.requests:
@@ -423,6 +465,7 @@ class Store:
                         with self._deadline(blob, f"chunk {idx}"):
                             data = await self.origin.fetch_range(blob.urls, start, end, blob.size)
                         self.metrics.fetched(len(data), trio.current_time() - began)
+                    slot = False  # from here `_write_behind` gives it back
                     await self._store_chunk(blob, idx, data, direct)
                 except RangeNotSupported as exc:
                     log.warning("%s; streaming the whole body once instead", exc)
@@ -439,6 +482,8 @@ class Store:
             blob.failures[idx] = exc
             log.error("blob %s: chunk %d: %s", blob.sha1, idx, exc)
         finally:
+            if slot:
+                self.behind.release()
             blob.inflight.pop(idx).set()
         await self._maybe_close(blob)
 
@@ -485,17 +530,43 @@ class Store:
     async def _store_chunk(
         self, blob: Blob, idx: int, data: bytes | ChunkBuffer, direct: bool = False
     ) -> None:
-        """Write a chunk within the budget; it is readable then, and recorded once durable.
+        """Make a fetched chunk readable; it is recorded in the catalog once durable.
 
         Readers need not wait for the fdatasync and the catalog: until a crash the page cache
-        serves what was written, and after one the catalog lists only durable chunks.
+        (or memory) serves the bytes, and after one the catalog lists only durable chunks.
+        A buffered chunk is readable once written. A `direct` one (a sequential reader's) is
+        readable at once, from memory, and written behind (`_write_behind`): reading and
+        writing the disk overlap instead of adding up. Raises StoreError (a buffered write).
         """
         generation = blob.generation
         start, end = chunk_span(idx, blob.size, blob.chunk_size)
         assert len(data) == end - start
+        if direct:
+            blob.unwritten[idx] = data
+            blob.readable[idx] = end - start
+            blob.recording += 1
+            self.nursery.start_soon(self._write_behind, blob, generation, idx, data)
+            self.nursery.start_soon(self._advance_hash, blob)
+            return
+        if not await self._write(blob, generation, idx, data, direct=False):
+            return
+        blob.readable[idx] = end - start
+        blob.remember(idx, data)
+        blob.recording += 1
+        self.nursery.start_soon(self._record, blob, generation, idx)
+        self.nursery.start_soon(self._advance_hash, blob)
+
+    async def _write(
+        self, blob: Blob, generation: int, idx: int, data: bytes | ChunkBuffer, direct: bool
+    ) -> bool:
+        """pwrite a chunk within the budget; False if the blob was dropped meanwhile."""
+        start, end = chunk_span(idx, blob.size, blob.chunk_size)
         # The write lock first: a chunk waiting for its turn holds no reservation, so a small
-        # disk is not "full" of reservations for writes that cannot run yet.
+        # disk is not "full" of reservations for writes that cannot run yet. Under the lock,
+        # nothing is written into a blob whose data was just dropped (`_corrupt` holds it).
         async with blob.write_lock, self.budget.reserve(blob.sha1, end - start):
+            if blob.generation != generation or blob.state == "corrupt":
+                return False
             try:
                 alloc = await self._io(blob.data.write, start, data, direct)
             except CacheFull:
@@ -504,13 +575,30 @@ class Store:
                 alloc = await self._io(blob.data.write, start, data, direct)
             blob.writes += 1
             self._note_allocated(blob, alloc)
-        if blob.generation != generation or blob.state == "corrupt":
+        return True
+
+    async def _write_behind(
+        self, blob: Blob, generation: int, idx: int, data: bytes | ChunkBuffer
+    ) -> None:
+        """Write a chunk readers already have from memory; then record it like any other."""
+        try:
+            written = await self._write(blob, generation, idx, data, direct=True)
+        except StoreError as exc:
+            log.error("blob %s: chunk %d not stored: %s", blob.sha1, idx, exc)
+            self.metrics.fetch_errors.inc()
+            self._lose(blob, idx)
+            blob.failures[idx] = exc  # a reader waiting for it gets this, as from a flight
+            written = False
+        finally:
+            self.behind.release()  # taken by the flight that fetched it
+        if written and blob.generation == generation and blob.state != "corrupt":
+            if blob.unwritten.pop(idx, None) is not None:
+                blob.remember(idx, data)
+            await self._record(blob, generation, idx)  # ends this chunk's `recording`
             return
-        blob.readable[idx] = end - start
-        blob.remember(idx, data)
-        blob.recording += 1
-        self.nursery.start_soon(self._record, blob, generation, idx)
-        self.nursery.start_soon(self._advance_hash, blob)
+        blob.unwritten.pop(idx, None)
+        blob.recording -= 1
+        await self._maybe_close(blob)
 
     async def _record(self, blob: Blob, generation: int, idx: int) -> None:
         """Make a written chunk durable, then record it in the catalog: it is present then."""
@@ -540,6 +628,7 @@ class Store:
     def _lose(self, blob: Blob, idx: int) -> None:
         """Forget a readable chunk that could not be made durable; it is fetched again."""
         blob.readable.pop(idx, None)
+        blob.unwritten.pop(idx, None)
         blob.recent.pop(idx, None)
         blob.wake.set()
         blob.wake = trio.Event()
@@ -605,7 +694,7 @@ class Store:
                 if idx not in blob.readable or blob.state == "corrupt":
                     return
                 start, end = chunk_span(idx, blob.size, blob.chunk_size)
-                data = blob.recent.get(idx)
+                data = blob.memory(idx)
                 if data is not None:  # no need to read back what we just wrote
                     await self._io(blob.hasher.update, data)
                 else:
@@ -642,8 +731,10 @@ class Store:
         blob.state = "corrupt"
         blob.present.clear()
         blob.readable.clear()
+        blob.unwritten.clear()
         blob.recent.clear()
-        await self._io(_punch_all, blob.data)
+        async with blob.write_lock:  # a write running now lands before the punch, not after
+            await self._io(_punch_all, blob.data)
         self.budget.allocated[blob.sha1] = 0
 
     async def verify_cached(self, handle: Handle) -> bool:

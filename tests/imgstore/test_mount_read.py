@@ -176,3 +176,25 @@ def test_8_concurrent_readers_of_a_cold_blob_fetch_it_once(store, origin, image_
     assert [r.returncode for r in readers] == [0] * 8
     assert all(out.split()[0] == sha1 for out in outputs)
     assert origin.bytes_sent("fs.img") <= image.stat().st_size + CHUNK
+
+
+def test_reads_across_chunk_boundaries_of_a_cold_blob_get_exact_bytes(store, origin, image_factory):
+    # A sequential reader's chunks are served from memory while they are written to the
+    # cache behind it. Reads that straddle two chunks must still get every byte: one read()
+    # of a whole file (the kernel splits it into concurrent requests at odd offsets), and
+    # unaligned reads in order.
+    blobs = [image_factory.blob(32 * MiB, seed=62 + i) for i in range(2)]
+    sha1s = [image_factory.sha1(b) for b in blobs]
+    for i, (blob, sha1) in enumerate(zip(blobs, sha1s, strict=True)):
+        store.add(sha1, origin.put(f"straddle{i}.bin", blob))
+    store.mount()
+    with open(store.file(sha1s[0]), "rb") as f:
+        assert f.read() == blobs[0].read_bytes()
+    data = blobs[1].read_bytes()
+    fd = os.open(store.file(sha1s[1]), os.O_RDONLY)
+    try:
+        step = MiB + 3 * 1024
+        for off in range(0, len(data), step):
+            assert os.pread(fd, step, off) == data[off : off + step], f"at {off}"
+    finally:
+        os.close(fd)
