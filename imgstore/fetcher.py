@@ -108,7 +108,7 @@ class Origin:
             headers={"Accept-Encoding": "identity", "User-Agent": "imgstore"},
         )
         # URLs from remote users connect only where the policy allows (imgstore/netpolicy.py).
-        self.guarded = guarded_client(policy or NetPolicy(), self.client)
+        self.guarded = guarded_client(policy or NetPolicy(), self.client, proxy or None)
         self.untrusted: set[str] = set()
         # Trusted URLs' chunks take the thread path (imgstore/rangeget.py): a body lands in
         # its chunk buffer with one copy, and the trio thread stays free for FUSE requests.

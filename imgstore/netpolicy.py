@@ -10,8 +10,9 @@ The check happens at connect time, inside the HTTP transport: the host is resolv
 candidate address is checked, and the connection goes to the address that passed, with the
 original Host header and TLS server name. So a name that resolves to a public address when
 checked and to 127.0.0.1 a moment later (DNS rebinding) cannot slip through, and every redirect
-hop is checked the same way. The guarded client ignores `http_proxy` (a proxy would make the
-connect-time check meaningless).
+hop is checked the same way. The guarded client ignores `http_proxy` from the environment. A
+proxy the operator configured (`[store] http_proxy`) is used: the name is still checked here,
+but the proxy does the connecting, so what the name resolves to then is the proxy's business.
 """
 
 from __future__ import annotations
@@ -153,15 +154,24 @@ class GuardedTransport(httpx.AsyncBaseTransport):
     so virtual hosts and certificate checks work as before.
     """
 
-    def __init__(self, policy: NetPolicy, **transport_options: object) -> None:
+    def __init__(
+        self, policy: NetPolicy, proxy: str | None = None, **transport_options: object
+    ) -> None:
         self.policy = policy
-        self._inner = httpx.AsyncHTTPTransport(**transport_options)  # type: ignore[arg-type]
+        self.proxy = proxy
+        self._inner = httpx.AsyncHTTPTransport(proxy=proxy, **transport_options)  # type: ignore[arg-type]
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
         host = url.host
         port = url.port or _DEFAULT_PORTS.get(url.scheme, 80)
         ip = await self.policy.resolve(str(url), host, port)
+        if self.proxy:
+            # The operator's proxy connects, by name: the name was checked here, and what it
+            # resolves to later is the proxy's business (configure it to refuse internal
+            # addresses too).
+            log.debug("%s -> checked (%s), via the proxy", url, ip)
+            return await self._inner.handle_async_request(request)
         extensions = dict(request.extensions)
         if url.scheme == "https":
             extensions.setdefault("sni_hostname", host)
@@ -179,12 +189,18 @@ class GuardedTransport(httpx.AsyncBaseTransport):
         await self._inner.aclose()
 
 
-def guarded_client(policy: NetPolicy, like: httpx.AsyncClient) -> httpx.AsyncClient:
-    """An AsyncClient configured like `like` (timeouts, headers, redirects) but guarded."""
+def guarded_client(
+    policy: NetPolicy, like: httpx.AsyncClient, proxy: str | None = None
+) -> httpx.AsyncClient:
+    """An AsyncClient configured like `like` (timeouts, headers, redirects) but guarded.
+
+    `proxy` is the operator's configured proxy (`[store] http_proxy`); proxies from the
+    environment are not used for untrusted URLs.
+    """
     return httpx.AsyncClient(
         timeout=like.timeout,
         headers=like.headers,
         follow_redirects=like.follow_redirects,
         trust_env=False,
-        transport=GuardedTransport(policy),
+        transport=GuardedTransport(policy, proxy),
     )

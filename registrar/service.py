@@ -103,6 +103,7 @@ class Settings:
     mountpoint: Path
     state_dir: Path
     allowed_networks: tuple[str, ...] = ()  # CIDRs untrusted URLs may reach despite the rules
+    http_proxy: str = ""  # the store's [store] http_proxy: the probe goes where the chunks go
     arch: str = DEFAULT_ARCH
     compression_level: int = 3
     max_bundles: int = 2  # images bundled at once; each takes a few cores and up to ~80 MiB
@@ -231,8 +232,10 @@ class Service:
         self._owner_prefix = f"{OWNER_PREFIX}{pid}:{process_start(pid)}:"
 
     @classmethod
-    def from_config(cls, config: Config, cache_dir: Path, mountpoint: Path) -> Service:
-        """The service for a loaded registrar config and the store's cache dir and mountpoint."""
+    def from_config(
+        cls, config: Config, cache_dir: Path, mountpoint: Path, http_proxy: str = ""
+    ) -> Service:
+        """The service for a loaded registrar config and the store's settings it needs."""
         cloud_cfg = config.require_cloud()
         keys = BundleKeys.load(cloud_cfg.cloud_cert, cloud_cfg.user_cert, cloud_cfg.user_key)
         settings = Settings(
@@ -240,6 +243,7 @@ class Service:
             mountpoint=mountpoint,
             state_dir=config.registrar.state_dir,
             allowed_networks=tuple(str(net) for net in config.registrar.allowed_networks),
+            http_proxy=http_proxy,
             compression_level=cloud_cfg.compression_level,
         )
         return cls(settings, Cloud.from_config(config), keys, cloud_cfg.account_id)
@@ -326,6 +330,7 @@ class Service:
                 [url],
                 trusted=trusted,
                 allowed_networks=self.settings.allowed_networks,
+                http_proxy=self.settings.http_proxy,
             )
         except BadUrl as exc:
             raise InvalidURL(f"{what} URL {url} cannot be used: {exc}") from exc

@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from imgstore.config import DEFAULT_CONFIG, config_path
+from imgstore.config import DEFAULT_CONFIG, StoreConfig, config_path
 from imgstore.config import load as load_store_config
 from imgstore.errors import ConfigError as StoreConfigError
 from imgstore.errors import StoreError
@@ -135,8 +135,8 @@ def _config_path(args: argparse.Namespace) -> Path | None:
     return config_path(getattr(args, "config", None))
 
 
-def _load(args: argparse.Namespace) -> tuple[registrar_config.Config, Path, Path]:
-    """The registrar config, and the store's cache directory and mountpoint."""
+def _load(args: argparse.Namespace) -> tuple[registrar_config.Config, StoreConfig]:
+    """The registrar config, and the store's (with its mountpoint set)."""
     path = _config_path(args)
     if path is None:
         raise ConfigError(NO_CONFIG)
@@ -150,17 +150,19 @@ def _load(args: argparse.Namespace) -> tuple[registrar_config.Config, Path, Path
             f"[store] mountpoint is not set in {path}: the registrar reads images "
             "through the imgstore mount"
         )
-    return config, store.cache_dir, store.mountpoint
+    return config, store
 
 
 def _service(args: argparse.Namespace) -> Any:
     # Imported here: boto3 and the bundler cost start-up time `registrar list` does not need.
     from registrar.service import Service
 
-    config, cache_dir, mountpoint = _load(args)
+    config, store = _load(args)
+    mountpoint = store.mountpoint
+    assert mountpoint is not None  # _load checked
     if not (mountpoint / "by-sha1").is_dir():
         raise ConfigError(f"{mountpoint} is not an imgstore mount (no by-sha1/): start imgstore")
-    return Service.from_config(config, cache_dir, mountpoint), config
+    return Service.from_config(config, store.cache_dir, mountpoint, store.http_proxy), config
 
 
 # --- serve ---

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from imgstore import client
+from imgstore.errors import ForbiddenAddress
 from tests.imgstore.helpers import IMGSTORE, MiB, mount_cmd, run, write_config
 from tests.support.faulty import Faults, FaultyOrigin
 from tests.support.frontnginx import Front, start_forward_proxy, start_redirector
@@ -143,27 +144,35 @@ def test_http_proxy_from_the_environment(
         assert ranges(via_proxy) == ranges(at_origin)
 
 
-def test_untrusted_blob_goes_direct_though_a_proxy_is_configured(
+def test_untrusted_blob_takes_the_configured_proxy_after_its_address_check(
     tmp_path, origin: Origin, proxy: Front, image_factory, fuse_mount
 ):
-    """A URL from a remote user never takes the proxy (its connect-time check would mean
-    nothing there); an operator's blob in the same mount does."""
-    hostile = image_factory.blob(8 * MiB, seed=73)
+    """A URL from a remote user (the registrar's) goes through the proxy the operator
+    configured, like the operator's own, so many sites share the origin's bytes for ORCA's
+    images too. Its name is still checked first: a refused address reaches nobody."""
+    remote = image_factory.blob(8 * MiB, seed=73)
     own = image_factory.blob(8 * MiB, seed=74)
     cache = tmp_path / "cache"
     conf = write_config(
         tmp_path / "site.toml", cache, http_proxy=proxy.url, allowed_networks=LOOPBACK
     )
+    remote_url = origin.put("h.bin", remote)
+    # Loopback is refused unless allowed: the refusal comes before any request is sent.
+    with pytest.raises(ForbiddenAddress):
+        client.add(
+            cache, image_factory.sha1(remote), [remote_url], trusted=False, http_proxy=proxy.url
+        )
+    assert proxy.requests() == 0
+    assert origin.log("h.bin") == []
     client.add(
         cache,
-        image_factory.sha1(hostile),
-        [origin.put("h.bin", hostile)],
+        image_factory.sha1(remote),
+        [remote_url],
         trusted=False,
         allowed_networks=LOOPBACK,
         http_proxy=proxy.url,
     )
-    assert proxy.requests() == 0
-    assert [e["range"] for e in origin.log("h.bin")] == [PROBE]
+    assert [e["range"] for e in proxy.log("h.bin")] == [PROBE]
     own_url = origin.put("o.bin", own)
     run("add", "--config", conf, image_factory.sha1(own), own_url)
     origin.reset_counts()
@@ -171,16 +180,33 @@ def test_untrusted_blob_goes_direct_though_a_proxy_is_configured(
 
     m = fuse_mount(mount_cmd(cache, tmp_path / "mnt", "--config", str(conf)), tmp_path / "mnt")
     by_sha1 = tmp_path / "mnt" / "by-sha1"
-    assert cat_sha1(by_sha1 / image_factory.sha1(hostile)) == image_factory.sha1(hostile)
+    assert cat_sha1(by_sha1 / image_factory.sha1(remote)) == image_factory.sha1(remote)
     assert cat_sha1(by_sha1 / image_factory.sha1(own)) == image_factory.sha1(own)
     assert m.unmount() == 0
 
-    assert ranges(origin.log("h.bin")) == sorted(chunk_ranges(8 * MiB))
-    assert proxy.requests("h.bin") == 0
-    via_proxy = proxy.log("o.bin")
-    assert_forwarded(via_proxy, own_url)
-    assert ranges(via_proxy) == sorted(chunk_ranges(8 * MiB)) == ranges(origin.log("o.bin"))
-    assert proxy.requests() == len(via_proxy)
+    for name, url in (("h.bin", remote_url), ("o.bin", own_url)):
+        via_proxy = proxy.log(name)
+        assert_forwarded(via_proxy, url)
+        assert ranges(via_proxy) == sorted(chunk_ranges(8 * MiB)) == ranges(origin.log(name))
+
+
+def test_untrusted_blob_ignores_the_environment_proxy(
+    tmp_path, origin: Origin, proxy: Front, image_factory, monkeypatch
+):
+    """`http_proxy` from the environment is for the operator's own fetches: a remote user's
+    URL connects directly (to the address that passed the check) unless a proxy is
+    configured."""
+    blob = image_factory.blob(MiB, seed=76)
+    monkeypatch.setenv("http_proxy", proxy.url)
+    client.add(
+        tmp_path / "cache",
+        image_factory.sha1(blob),
+        [origin.put("e.bin", blob)],
+        trusted=False,
+        allowed_networks=LOOPBACK,
+    )
+    assert proxy.requests() == 0
+    assert [e["range"] for e in origin.log("e.bin")] == [PROBE]
 
 
 @pytest.mark.parametrize("through_proxy", [False, True], ids=["direct", "proxy"])
