@@ -20,7 +20,7 @@ Keys of `[store]`:
   same file's `[registrar] allowed_networks`, else []
 - `http_proxy`: "http://HOST:PORT" of a caching proxy between this site and the origins (see
   README, "Many sites, one origin"); default: `http_proxy`/`https_proxy` from the environment.
-  URLs from remote users never go through it (their connections are checked, see netpolicy)
+  URLs from remote users use only this key (after their name is checked, see netpolicy)
 - `metrics_listen`: "HOST:PORT" where the mount answers `GET /metrics` (Prometheus text); default
   "" (off). See imgstore/metrics.py
 """
