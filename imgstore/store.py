@@ -41,6 +41,8 @@ Buffer = bytes | bytearray | memoryview
 # As many as the readahead window holds (32 MiB of 4 MiB chunks): a sequential reader's
 # chunks are written with O_DIRECT, so the page cache does not have them.
 RECENT_CHUNKS = 8
+# How long an fdatasync waits for more chunks to cover while a blob is being fetched.
+SYNC_BATCH_S = 0.05
 # Reads the page cache holds are served on the trio thread (RWF_NOWAIT never waits for the
 # disk); others take a worker thread.
 _NOWAIT_READS = hasattr(os, "RWF_NOWAIT") and hasattr(os, "preadv")
@@ -661,6 +663,10 @@ class Store:
                 await blob.syncing.wait()
                 continue
             blob.syncing = trio.Event()
+            if blob.inflight or blob.unwritten:
+                # More chunks are on their way: let them join this fdatasync. Readers do not
+                # wait for it, and one per chunk (250 per GiB) took a core's third.
+                await trio.sleep(SYNC_BATCH_S)
             upto = blob.writes
             try:
                 blob.synced_alloc = await self._io(blob.data.sync)
