@@ -544,18 +544,25 @@ class Store:
         assert len(data) == end - start
         if direct:
             blob.unwritten[idx] = data
-            blob.readable[idx] = end - start
+            self._readable(blob, idx)
             blob.recording += 1
             self.nursery.start_soon(self._write_behind, blob, generation, idx, data)
             self.nursery.start_soon(self._advance_hash, blob)
             return
         if not await self._write(blob, generation, idx, data, direct=False):
             return
-        blob.readable[idx] = end - start
+        self._readable(blob, idx)
         blob.remember(idx, data)
         blob.recording += 1
         self.nursery.start_soon(self._record, blob, generation, idx)
         self.nursery.start_soon(self._advance_hash, blob)
+
+    @staticmethod
+    def _readable(blob: Blob, idx: int) -> None:
+        start, end = chunk_span(idx, blob.size, blob.chunk_size)
+        blob.readable[idx] = end - start
+        if blob.state == "remote":
+            blob.state = "partial"  # the state xattr: a reader has bytes (the catalog follows)
 
     async def _write(
         self, blob: Blob, generation: int, idx: int, data: bytes | ChunkBuffer, direct: bool

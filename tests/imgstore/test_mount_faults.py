@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -84,10 +85,15 @@ def test_kill_9_mid_fetch_then_remount_resumes_and_verifies(store, origin, image
 
     fd = os.open(store.file(sha1), os.O_RDONLY)
     assert os.read(fd, 20 * MiB) == image.read_bytes()[: 20 * MiB]
+    # Bytes are served before they are durable; the catalog records them a moment later.
+    recorded = lambda: ls_json(store.cache_dir)[sha1]["cached_bytes"]  # noqa: E731
+    wait_for(lambda: recorded() >= 20 * MiB, what="the bytes read recorded as cached")
     m.kill(signal.SIGKILL)  # with readahead still in flight
     m.wait()
-    with pytest.raises(OSError):
-        os.close(fd)  # the daemon is gone
+    # The fd is closed either way; whether close() reports the dead daemon depends on
+    # whether the kernel still sends it a FLUSH. The listdir below shows it is gone.
+    with contextlib.suppress(OSError):
+        os.close(fd)
     cached_at_kill = ls_json(store.cache_dir)[sha1]["cached_bytes"]
     sent_before = origin.bytes_sent("fs.img")
     assert 20 * MiB <= cached_at_kill < size
