@@ -25,22 +25,12 @@ a private sync request and waits until its log line appears (one nginx process, 
 
 from __future__ import annotations
 
-import http.client
-import json
-import signal
-import socket
-import subprocess
-import time
 import urllib.parse
-import uuid
 from pathlib import Path
 
-import pytest
+from tests.support.nginxproc import CountedServer, conf
 
-NGINX = "/usr/sbin/nginx"
 _SYNC_PREFIX = "/.front-sync/"
-_TIMEOUT = 10.0
-_TEMPS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
 _LOG_FORMAT = (
     '\'{"request":"$request","host":"$http_host","uri":"$uri","range":"$http_range",'
@@ -60,143 +50,26 @@ _FORWARD = """
 
 
 def _conf(workdir: Path, port: int, locations: str) -> str:
-    # As in origin.py: no master process, so no privilege drop and one process to reason about.
-    temps = "\n".join(f"    {k}_temp_path {workdir / ('tmp_' + k)};" for k in _TEMPS)
-    return f"""
-daemon off;
-master_process off;
-worker_processes 1;
-pid {workdir / "nginx.pid"};
-error_log {workdir / "error.log"} info;
-events {{ worker_connections 512; }}
-http {{
-    log_format front escape=json {_LOG_FORMAT};
-    access_log {workdir / "access.log"} front;
-{temps}
-    keepalive_timeout 60s;
-    keepalive_requests 100000;
-    server {{
-        listen 127.0.0.1:{port};
-        location ^~ {_SYNC_PREFIX} {{ return 204; }}
-{locations}
-    }}
-}}
-"""
+    http = "    keepalive_timeout 60s;\n    keepalive_requests 100000;"
+    return conf(workdir, port, _LOG_FORMAT, _SYNC_PREFIX, http, locations)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Front:
+class Front(CountedServer):
     """One running nginx; see the module docstring."""
 
+    sync_prefix = _SYNC_PREFIX
+
     def __init__(self, workdir: Path, locations: str) -> None:
-        self.workdir = workdir
-        self._locations = locations
-        self._access_log = workdir / "access.log"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._skip = 0
-        self.port = 0
+        super().__init__(workdir, lambda port: _conf(workdir, port, locations))
         self.url = ""
 
     def start(self) -> Front:
-        for k in _TEMPS:
-            (self.workdir / f"tmp_{k}").mkdir(parents=True, exist_ok=True)
-        for _ in range(5):  # another process may take the free port first
-            self.port = _free_port()
-            if self._try_start():
-                self.url = f"http://127.0.0.1:{self.port}"
-                return self
-        pytest.fail(f"nginx would not start:\n{self._error_tail()}")
-
-    def _try_start(self) -> bool:
-        conf = self.workdir / "nginx.conf"
-        conf.write_text(_conf(self.workdir, self.port, self._locations))
-        err_log = self.workdir / "error.log"
-        cmd = [NGINX, "-p", str(self.workdir), "-c", str(conf), "-e", str(err_log)]
-        with open(self.workdir / "stderr.log", "ab") as err:
-            self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
-        deadline = time.monotonic() + _TIMEOUT
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                self._proc = None
-                if "Address already in use" in self._error_tail():
-                    return False
-                pytest.fail(f"nginx exited at start:\n{self._error_tail()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return True
-            except OSError:
-                time.sleep(0.005)
-        self.stop()
-        pytest.fail(f"nginx did not listen within {_TIMEOUT}s:\n{self._error_tail()}")
-
-    def _error_tail(self) -> str:
-        text = ""
-        for name in ("error.log", "stderr.log"):
-            p = self.workdir / name
-            if p.exists():
-                text += p.read_text(errors="replace")
-        return text[-2000:]
-
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    def __enter__(self) -> Front:
+        self._start()
+        self.url = f"http://127.0.0.1:{self.port}"
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _sync(self) -> None:
-        token = uuid.uuid4().hex
-        # http.client: no proxy settings from the environment apply to this request.
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=_TIMEOUT)
-        try:
-            conn.request("GET", f"{_SYNC_PREFIX}{token}")
-            conn.getresponse().read()
-        finally:
-            conn.close()
-        needle = f"{_SYNC_PREFIX}{token}".encode()
-        deadline = time.monotonic() + _TIMEOUT
-        while needle not in self._access_log.read_bytes():
-            if time.monotonic() > deadline:
-                pytest.fail(f"nginx did not log sync request {token} within {_TIMEOUT}s")
-            time.sleep(0.002)
-
-    def _entries(self) -> list[dict]:
-        self._sync()
-        out = []
-        for line in self._access_log.read_text().splitlines():
-            entry = json.loads(line)
-            if entry["uri"].startswith(_SYNC_PREFIX):
-                continue
-            entry["name"] = urllib.parse.unquote(entry["uri"]).lstrip("/")
-            out.append(entry)
-        return out
-
-    def log(self, name: str | None = None) -> list[dict]:
-        entries = self._entries()[self._skip :]
-        if name is None:
-            return entries
-        return [e for e in entries if e["name"] == name.lstrip("/")]
-
-    def requests(self, name: str | None = None) -> int:
-        return len(self.log(name))
-
-    def reset_counts(self) -> None:
-        self._skip = len(self._entries())
+    def _name(self, entry: dict) -> str | None:
+        return urllib.parse.unquote(entry["uri"]).lstrip("/")
 
 
 def start_forward_proxy(workdir: Path) -> Front:

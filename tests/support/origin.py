@@ -49,14 +49,9 @@ reader, call ``wait_idle()`` before counting.
 
 from __future__ import annotations
 
-import http.client
-import json
 import logging
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import time
 import urllib.parse
 import uuid
@@ -65,13 +60,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.nginxproc import CountedServer, conf
+
 log = logging.getLogger(__name__)
 
-NGINX = "/usr/sbin/nginx"
 _SYNC_PREFIX = "/.origin-sync/"
 _STATUS = "/.origin-status"
-_START_TIMEOUT = 10.0
-_SYNC_TIMEOUT = 10.0
 
 # escape=json makes every variable safe inside a JSON string; numbers are left bare.
 _LOG_FORMAT = (
@@ -81,120 +75,40 @@ _LOG_FORMAT = (
 
 
 def _conf(workdir: Path, root: Path, port: int) -> str:
-    # As root, nginx would hand requests to "nobody", who cannot read pytest's 0700 temp dirs;
-    # with master_process off there is no worker and no privilege drop. One process also makes
-    # the log ordering argument in the module docstring hold.
-    temp = {k: workdir / f"tmp_{k}" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
-    temp_lines = "\n".join(f"    {k}_temp_path {p};" for k, p in temp.items())
-    return f"""
-daemon off;
-master_process off;
-worker_processes 1;
-pid {workdir / "nginx.pid"};
-error_log {workdir / "error.log"} info;
-events {{ worker_connections 512; }}
-http {{
-    log_format origin escape=json {_LOG_FORMAT};
-    # No buffer= and no flush=: each line is written when its request is finalised.
-    access_log {workdir / "access.log"} origin;
-{temp_lines}
-    default_type application/octet-stream;
-    sendfile on;
-    keepalive_timeout 60s;
-    server {{
-        listen 127.0.0.1:{port};
-        root {root};
-        location ^~ {_SYNC_PREFIX} {{ return 204; }}
-        location = {_STATUS} {{ stub_status; }}
-    }}
-}}
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    http = "\n".join(
+        (
+            "    default_type application/octet-stream;",
+            "    sendfile on;",
+            "    keepalive_timeout 60s;",
+        )
+    )
+    server = f"        root {root};\n        location = {_STATUS} {{ stub_status; }}"
+    return conf(workdir, port, _LOG_FORMAT, _SYNC_PREFIX, http, server)
 
 
 def _name_of(uri: str) -> str:
     return urllib.parse.unquote(urllib.parse.urlsplit(uri).path).lstrip("/")
 
 
-class Origin:
+class Origin(CountedServer):
     """One running nginx; see the module docstring for the API."""
 
+    sync_prefix = _SYNC_PREFIX
+
     def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.root = workdir / "root"
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._access_log = workdir / "access.log"
-        self._error_log = workdir / "error.log"
-        self._skip = 0  # number of counted entries hidden by reset_counts()
-        self._proc: subprocess.Popen[bytes] | None = None
-        self.port = 0
+        root = workdir / "root"
+        root.mkdir(parents=True, exist_ok=True)
+        super().__init__(workdir, lambda port: _conf(workdir, root, port))
+        self.root = root
         self.base_url = ""
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> Origin:
-        # The port is picked before nginx binds it, so another process may win the race:
-        # try a few ports before giving up.
-        for _ in range(5):
-            self.port = _free_port()
-            if self._try_start():
-                self.base_url = f"http://127.0.0.1:{self.port}"
-                log.debug("origin nginx on %s serving %s", self.base_url, self.root)
-                return self
-        pytest.fail(f"nginx would not start; error log:\n{self._error_tail()}")
-
-    def _try_start(self) -> bool:
-        conf = self.workdir / "nginx.conf"
-        conf.write_text(_conf(self.workdir, self.root, self.port))
-        for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-            (self.workdir / f"tmp_{k}").mkdir(exist_ok=True)
-        cmd = [NGINX, "-p", str(self.workdir), "-c", str(conf), "-e", str(self._error_log)]
-        with open(self.workdir / "stderr.log", "ab") as err:
-            self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
-        deadline = time.monotonic() + _START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                self._proc = None
-                if "Address already in use" in self._error_tail():
-                    return False
-                pytest.fail(f"nginx exited at start; error log:\n{self._error_tail()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return True
-            except OSError:
-                time.sleep(0.005)
-        self.stop()
-        pytest.fail(f"nginx did not listen within {_START_TIMEOUT}s:\n{self._error_tail()}")
-
-    def _error_tail(self) -> str:
-        text = ""
-        for p in (self._error_log, self.workdir / "stderr.log"):
-            if p.exists():
-                text += p.read_text(errors="replace")
-        return text[-2000:]
-
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-    def __enter__(self) -> Origin:
+        self._start()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        log.debug("origin nginx on %s serving %s", self.base_url, self.root)
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- content ---------------------------------------------------------------------------
 
@@ -225,54 +139,15 @@ class Origin:
 
     # -- counting --------------------------------------------------------------------------
 
-    def _get(self, path: str) -> bytes:
-        # http.client, not urllib: no proxy settings from the environment apply.
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        try:
-            conn.request("GET", path)
-            return conn.getresponse().read()
-        finally:
-            conn.close()
-
-    def _sync(self) -> None:
-        if self._proc is None:
-            raise RuntimeError("origin is not running")
-        token = uuid.uuid4().hex
-        self._get(f"{_SYNC_PREFIX}{token}")
-        needle = f"{_SYNC_PREFIX}{token}".encode()
-        deadline = time.monotonic() + _SYNC_TIMEOUT
-        while needle not in self._access_log.read_bytes():
-            if time.monotonic() > deadline:
-                pytest.fail(f"nginx did not log sync request {token} within {_SYNC_TIMEOUT}s")
-            time.sleep(0.002)
-
-    def _entries(self) -> list[dict]:
-        self._sync()
-        out = []
-        for line in self._access_log.read_text().splitlines():
-            entry = json.loads(line)
-            if entry["uri"].startswith(_SYNC_PREFIX) or entry["uri"] == _STATUS:
-                continue
-            entry["name"] = _name_of(entry["uri"])
-            out.append(entry)
-        return out
-
-    def log(self, name: str | None = None) -> list[dict]:
-        entries = self._entries()[self._skip :]
-        if name is None:
-            return entries
-        name = name.lstrip("/")
-        return [e for e in entries if e["name"] == name]
-
-    def requests(self, name: str | None = None) -> int:
-        return len(self.log(name))
+    def _name(self, entry: dict) -> str | None:
+        return None if entry["uri"] == _STATUS else _name_of(entry["uri"])
 
     def bytes_sent(self, name: str | None = None) -> int:
         return sum(e["body_bytes"] for e in self.log(name))
 
     def in_flight(self) -> int:
         # stub_status: "Reading: R Writing: W Waiting: K"; W includes this status request.
-        fields = self._get(_STATUS).decode().split()
+        fields = self._nginx.get(_STATUS).decode().split()
         reading = int(fields[fields.index("Reading:") + 1])
         writing = int(fields[fields.index("Writing:") + 1])
         return reading + writing - 1
@@ -283,9 +158,6 @@ class Origin:
             if time.monotonic() > deadline:
                 pytest.fail(f"origin still has {n} request(s) in flight after {timeout}s")
             time.sleep(0.005)
-
-    def reset_counts(self) -> None:
-        self._skip = len(self._entries())
 
 
 def start_origin(workdir: Path) -> Origin:
