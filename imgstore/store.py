@@ -63,9 +63,9 @@ class Blob:
         self.nchunks = chunk_count(rec.size, rec.chunk_size)
         # Chunks whose bytes are durable and recorded in the catalog: index -> length.
         self.present = present
-        # Chunks whose bytes are in the data file (maybe not durable yet): readers and the
-        # hasher use these. A superset of `present`: a chunk is readable as soon as its
-        # pwrite returns, and recorded once an fdatasync covered it (Store._record).
+        # Chunks readers and the hasher may use now: in the data file (maybe not durable
+        # yet) or in `unwritten`, in memory, until written behind. A superset of `present`:
+        # recorded once an fdatasync covered the chunk's write (Store._record).
         self.readable = dict(present)
         self.recording = 0  # chunks readable but not yet recorded
         self.hash_stale = False  # a hashed chunk was lost before it was recorded
