@@ -133,15 +133,17 @@ class DataFile:
     ) -> int:
         """pwrite `data` at `off` (not yet durable); returns the file's allocated bytes.
 
-        `direct`: `data` is page-aligned (a pooled buffer) and will be served from memory, so
-        its aligned part goes to the disk with O_DIRECT, past the page cache: no kernel copy
+        `direct`: `data` will be served from memory, so if it is a pooled (page-aligned)
+        buffer its aligned part goes to the disk with O_DIRECT, past the page cache: no kernel copy
         and no page-cache memory to allocate (see _WRITE_PIECE for what that costs here). A
         filesystem without O_DIRECT gets a buffered write instead.
         Raises CacheFull on ENOSPC/EDQUOT: the caller may evict and retry once.
         """
         view = memoryview(data)
         try:
-            if direct and off % DIRECT_ALIGN == 0:
+            # Anonymous mappings (the pool's buffers) are page-aligned; other buffers are not,
+            # and one refused O_DIRECT write would turn it off for the file.
+            if direct and isinstance(data, mmap.mmap) and off % DIRECT_ALIGN == 0:
                 done = self._write_direct(off, view[: len(view) - len(view) % DIRECT_ALIGN])
                 view = view[done:]
                 off += done

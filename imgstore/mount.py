@@ -13,6 +13,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -102,6 +103,9 @@ def mount_options(cfg: StoreConfig) -> set[str]:
     return options
 
 
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
 def set_readahead(mountpoint: Path, size: int) -> None:
     """Let the kernel read ahead `size` bytes for readers of verified blobs (page cache).
 
@@ -134,8 +138,8 @@ def _mount_device(mountpoint: Path) -> str | None:
     found = None
     for line in lines:
         fields = line.split()
-        # Spaces and the like are octal escapes (\040) in mountinfo.
-        where = fields[4].encode().decode("unicode_escape") if len(fields) > 4 else ""
+        # Space, tab, newline and backslash are octal escapes (\040) in mountinfo.
+        where = _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), fields[4]) if len(fields) > 4 else ""
         if where == str(mountpoint):
             found = fields[2]  # the last one is the mount on top
     return found

@@ -198,3 +198,17 @@ def test_reads_across_chunk_boundaries_of_a_cold_blob_get_exact_bytes(store, ori
             assert os.pread(fd, step, off) == data[off : off + step], f"at {off}"
     finally:
         os.close(fd)
+
+
+def test_the_mount_reads_ahead_half_the_store_window(store, origin, image_factory):
+    # FUSE mounts start with 128 KiB of kernel readahead; the first open raises it (as root)
+    # to half of readahead_max, so warm reads reach the daemon in large requests.
+    blob = image_factory.blob(MiB, seed=63)
+    sha1 = image_factory.sha1(blob)
+    store.add(sha1, origin.put("ra.bin", blob))
+    store.mount()
+    with open(store.file(sha1), "rb") as f:
+        assert f.read() == blob.read_bytes()
+    dev = os.stat(store.mountpoint).st_dev
+    bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    assert int(bdi.read_text()) == 32 * 1024 // 2
