@@ -29,6 +29,11 @@ _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECA
 _IDLE_PER_POOL = 16
 
 
+# What a kept-alive connection that the server has closed meanwhile fails with, before any
+# answer: the request never reached the origin's logic.
+_STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
+
+
 class Retry(Exception):
     """This attempt failed in a way worth retrying; `received` bytes landed before it did."""
 
@@ -95,7 +100,7 @@ class RangeGetter:
         """
         end = start + len(buf)
         target = self._target(url)
-        conn = self._checkout(target)
+        conn, reused = self._checkout(target)
         reusable = False
         received = 0
         try:
@@ -111,7 +116,17 @@ class RangeGetter:
                 conn.request("GET", target.path, headers=headers)
                 resp = conn.getresponse()
             except (OSError, http.client.HTTPException) as exc:
-                raise Retry(_describe(exc)) from exc
+                if not reused or not isinstance(exc, _STALE):
+                    raise Retry(_describe(exc)) from exc
+                # A kept-alive connection the server closed while it was idle: not a failure
+                # of the origin, so ask again at once on a new one.
+                conn.close()
+                conn, _ = self._checkout(target, fresh=True)
+                try:
+                    conn.request("GET", target.path, headers=headers)
+                    resp = conn.getresponse()
+                except (OSError, http.client.HTTPException) as exc2:
+                    raise Retry(_describe(exc2)) from exc2
             status = resp.status
             if status in (301, 302, 303, 307, 308):
                 raise Unhandled(f"{url}: redirect {status}")
@@ -165,12 +180,13 @@ class RangeGetter:
                 path = url.split("#", 1)[0]  # absolute-form, as a proxy expects
         return _Target(scheme, parts.hostname or "", port, path, proxy)
 
-    def _checkout(self, t: _Target) -> http.client.HTTPConnection:
+    def _checkout(self, t: _Target, fresh: bool = False) -> tuple[http.client.HTTPConnection, bool]:
+        """A connection to `t` and whether it was kept alive from an earlier request."""
         key = (t.scheme, t.host, t.port, t.proxy)
         with self._lock:
             pool = self._idle.get(key)
-            if pool:
-                return pool.pop()
+            if pool and not fresh:
+                return pool.pop(), True
         timeout = self.connect_timeout
         conn: http.client.HTTPConnection
         if t.scheme == "https":
@@ -189,7 +205,7 @@ class RangeGetter:
         if conn.sock is not None:
             conn.sock.settimeout(self.read_timeout)
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return conn
+        return conn, False
 
     def _checkin(self, t: _Target, conn: http.client.HTTPConnection) -> None:
         key = (t.scheme, t.host, t.port, t.proxy)

@@ -1,0 +1,55 @@
+"""The worker-thread range client against a server that drops idle kept-alive connections."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+from imgstore.rangeget import RangeGetter
+
+BODY = bytes(range(256)) * 64  # 16 KiB
+
+
+def _serve_one_request_per_connection(listener: socket.socket, accepted: list[int]) -> None:
+    # Answers one ranged GET per connection as if keeping it alive, then closes it: what a
+    # server does to an idle connection when its keepalive timeout passes.
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        accepted.append(1)
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(4096)
+            line = next(h for h in request.split(b"\r\n") if h.lower().startswith(b"range:"))
+            first, last = (int(x) for x in line.split(b"=")[1].split(b"-"))
+            body = BODY[first : last + 1]
+            conn.sendall(
+                b"HTTP/1.1 206 Partial Content\r\n"
+                + f"Content-Range: bytes {first}-{last}/{len(BODY)}\r\n".encode()
+                + f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n".encode()
+                + body
+            )
+
+
+def test_a_kept_alive_connection_closed_by_the_server_is_replaced_at_once():
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[int] = []
+    server = threading.Thread(
+        target=_serve_one_request_per_connection, args=(listener, accepted), daemon=True
+    )
+    server.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/blob"
+    getter = RangeGetter(connect_timeout=5, read_timeout=5)
+    try:
+        for first in (0, 4096, 8192):
+            buf = bytearray(4096)
+            # No Retry escapes: the dead pooled connection is not the origin failing.
+            getter.get_into(url, None, first, len(BODY), memoryview(buf))
+            assert bytes(buf) == BODY[first : first + 4096]
+        assert len(accepted) == 3
+    finally:
+        getter.close()
+        listener.close()
