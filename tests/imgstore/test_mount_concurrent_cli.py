@@ -8,7 +8,7 @@ import subprocess
 import threading
 
 from imgstore import client
-from tests.imgstore.helpers import IMGSTORE, MiB
+from tests.imgstore.helpers import MiB, run
 
 
 def test_add_and_ls_from_other_processes_while_a_mount_streams(store, origin, image_factory):
@@ -30,12 +30,7 @@ def test_add_and_ls_from_other_processes_while_a_mount_streams(store, origin, im
         for j in range(k, len(items), 4):
             x_sha1, url = items[j]
             for cmd in (["add", x_sha1, url], ["ls", "--json"], ["ls"]):
-                res = subprocess.run(
-                    [*IMGSTORE, cmd[0], "--cache-dir", str(store.cache_dir), *cmd[1:]],
-                    capture_output=True,
-                    text=True,
-                    timeout=120,
-                )
+                res = run(cmd[0], "--cache-dir", store.cache_dir, *cmd[1:], check=False)
                 if res.returncode != 0:
                     failures.append(f"{cmd}: {res.returncode} {res.stderr}")
                 elif cmd[:2] == ["ls", "--json"]:
@@ -67,31 +62,16 @@ def test_fetch_and_evict_beside_a_running_mount(store, origin, image_factory):
     store.add(sha1, origin.put("f.bin", blob))
     store.mount()
     # An operator pre-fetches while the mount is up: the mount then serves it without fetching.
-    out = subprocess.run(
-        [*IMGSTORE, "fetch", "--cache-dir", str(store.cache_dir), sha1],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = run("fetch", "--cache-dir", store.cache_dir, sha1, check=False)
     assert out.returncode == 0, out.stderr
     origin.reset_counts()
     assert store.file(sha1).read_bytes() == blob.read_bytes()
     assert origin.bytes_sent() == 0
     # Evicting a blob that a reader holds open is refused; once closed it works.
     with open(store.file(sha1), "rb"):
-        res = subprocess.run(
-            [*IMGSTORE, "evict", "--cache-dir", str(store.cache_dir), sha1],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        res = run("evict", "--cache-dir", store.cache_dir, sha1, check=False)
         assert res.returncode == 1 and "open" in res.stderr
-    res = subprocess.run(
-        [*IMGSTORE, "evict", "--cache-dir", str(store.cache_dir), sha1],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    res = run("evict", "--cache-dir", store.cache_dir, sha1, check=False)
     assert res.returncode == 0, res.stderr
     assert client.info(store.cache_dir, sha1).cached_bytes == 0
     assert store.file(sha1).read_bytes() == blob.read_bytes()  # fetched again, correctly
@@ -104,17 +84,7 @@ def test_verify_leaves_a_blob_that_a_mount_has_open(store, origin, image_factory
     store.mount()
     with open(store.file(sha1), "rb") as f:
         assert f.read() == blob.read_bytes()
-        res = subprocess.run(
-            [*IMGSTORE, "verify", "--cache-dir", str(store.cache_dir), sha1],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        res = run("verify", "--cache-dir", store.cache_dir, sha1, check=False)
         assert res.returncode == 1 and "not verified now" in res.stdout
-    res = subprocess.run(
-        [*IMGSTORE, "verify", "--cache-dir", str(store.cache_dir), sha1],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    res = run("verify", "--cache-dir", store.cache_dir, sha1, check=False)
     assert res.returncode == 0 and f"{sha1} verified" in res.stdout
