@@ -22,19 +22,15 @@ import dataclasses
 import hmac
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from imgstore.asgi import ASGIApp, Receive, Scope, Send, header
 from registrar.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 ACCESS_KEYS = frozenset({"allowed_clients", "tls_cert", "tls_key", "auth_user", "auth_password"})
 REALM = "ImageProxy"
@@ -156,17 +152,10 @@ class Guard:
             return 403, "client address not in allowed_clients", []
         if scope["path"] == "/healthz":
             return None
-        if not credentials_ok(self.access, _header(scope, b"authorization")):
+        if not credentials_ok(self.access, header(scope, b"authorization")):
             challenge = f'Basic realm="{REALM}", charset="UTF-8"'.encode()
             return 401, "authentication required", [(b"www-authenticate", challenge)]
         return None
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key.lower() == name:
-            return bytes(value).decode("latin-1")
-    return None
 
 
 async def _respond(

@@ -22,13 +22,13 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 from lxml import etree
 
+from imgstore.asgi import Receive, Scope, Send, header, lifespan
 from registrar import soap
 from registrar.errors import RegistrarError
 from registrar.metrics import CONTENT_TYPE as METRICS_TYPE
@@ -37,9 +37,6 @@ from registrar.metrics import RegistrarMetrics
 log = logging.getLogger(__name__)
 
 Register = Callable[[str, str], str]
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 SERVICE = "/axis2/services/IMAGEPROXY"
 PORTS = ("IMAGEPROXYHttpSoap11Endpoint", "IMAGEPROXYHttpSoap12Endpoint", "IMAGEPROXYHttpEndpoint")
@@ -72,13 +69,6 @@ def wsdl_for(base_url: str, wsdl: bytes | None = None) -> bytes:
     return etree.tostring(root, xml_declaration=True, encoding="UTF-8")
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return None
-
-
 class PayloadTooLarge(Exception):
     """Raised inside the app when a request body passes the limit (answered with 413)."""
 
@@ -101,18 +91,9 @@ class App:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
+            await lifespan(receive, send)
         elif scope["type"] == "http":
             await self._http(scope, receive, send)
-
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.monotonic()
@@ -155,7 +136,7 @@ class App:
         return await self._soap(scope, receive, send)
 
     async def _soap(self, scope: Scope, receive: Receive, send: Send) -> tuple[int, str]:
-        content_type = _header(scope, b"content-type")
+        content_type = header(scope, b"content-type")
         version = soap.version_for(content_type)
         if not soap.is_soap_media_type(content_type):
             self.metrics.rejected("unsupported_media_type")
@@ -173,7 +154,7 @@ class App:
             reply = soap.too_large_reply(version, self.max_body)
             return await _reply(send, reply), f"fault: body over {self.max_body} bytes"
         try:
-            request = soap.parse_request(body, content_type, _header(scope, b"soapaction"))
+            request = soap.parse_request(body, content_type, header(scope, b"soapaction"))
         except RegistrarError as exc:
             self.metrics.rejected("bad_request")
             reply = soap.fault_reply(version, exc)
@@ -202,7 +183,7 @@ class App:
         return soap.answer_reply(request.version, text), f"{what}: {text.strip()!r}"
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        length = _header(scope, b"content-length")
+        length = header(scope, b"content-length")
         if length is not None and length.strip().isdigit() and int(length) > self.max_body:
             raise PayloadTooLarge
         chunks: list[bytes] = []
@@ -223,7 +204,7 @@ class App:
 
 def _base_url(scope: Scope) -> str:
     """This server as the client addressed it (its Host header), else as bound."""
-    host = _header(scope, b"host")
+    host = header(scope, b"host")
     if not host or any(c in host for c in "/\\@ \t\"'<>"):
         server = scope.get("server") or ("localhost", 80)
         host = f"[{server[0]}]:{server[1]}" if ":" in server[0] else f"{server[0]}:{server[1]}"
