@@ -95,6 +95,21 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(10)
 
 
+@contextlib.contextmanager
+def _ready_daemon(
+    command: list[str], env: dict[str, str], tmp_path: Path, log_name: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start a daemon as systemd does for Type=notify, wait for READY=1, stop it at the end."""
+    log = tmp_path / log_name
+    with _notify_socket(tmp_path) as (sock, address):
+        proc = _start(command, {**env, "NOTIFY_SOCKET": address}, log)
+        try:
+            _ready(sock, proc, log)
+            yield proc
+        finally:
+            _stop(proc)
+
+
 @pytest.fixture
 def site(tmp_path: Path, cloud: StandInCloud) -> Iterator[tuple[Path, Path, int]]:
     """A config for both daemons with a fixed free port; always unmounts at the end."""
@@ -120,18 +135,13 @@ def test_imgstore_unit_is_ready_once_the_mount_answers(
 ) -> None:
     config, mountpoint, _ = site
     start, stop, env = _unit("imgstore.service", config)
-    with _notify_socket(tmp_path) as (sock, address):
-        proc = _start(start, {**env, "NOTIFY_SOCKET": address}, tmp_path / "imgstore.log")
-        try:
-            _ready(sock, proc, tmp_path / "imgstore.log")
-            assert os.path.ismount(mountpoint)
-            assert os.listdir(mountpoint / "by-sha1") == []
-            # ExecStop= as the unit says: the daemon unmounts and exits cleanly.
-            subprocess.run(stop, env={**os.environ, **env}, check=True, timeout=60)
-            assert proc.wait(30) == 0
-            assert not os.path.ismount(mountpoint)
-        finally:
-            _stop(proc)
+    with _ready_daemon(start, env, tmp_path, "imgstore.log") as proc:
+        assert os.path.ismount(mountpoint)
+        assert os.listdir(mountpoint / "by-sha1") == []
+        # ExecStop= as the unit says: the daemon unmounts and exits cleanly.
+        subprocess.run(stop, env={**os.environ, **env}, check=True, timeout=60)
+        assert proc.wait(30) == 0
+        assert not os.path.ismount(mountpoint)
 
 
 def test_registrar_unit_is_ready_once_it_answers_soap(
@@ -140,24 +150,15 @@ def test_registrar_unit_is_ready_once_it_answers_soap(
     config, mountpoint, port = site
     store_cmd, _, store_env = _unit("imgstore.service", config)
     serve_cmd, _, env = _unit("registrar.service", config)
-    with _notify_socket(tmp_path) as (store_sock, store_addr):
-        store = _start(store_cmd, {**store_env, "NOTIFY_SOCKET": store_addr}, tmp_path / "s.log")
-        try:
-            _ready(store_sock, store, tmp_path / "s.log")  # Requires=/After= imgstore.service
-            with _notify_socket(tmp_path) as (sock, address):
-                registrar = _start(serve_cmd, {**env, "NOTIFY_SOCKET": address}, tmp_path / "r.log")
-                try:
-                    _ready(sock, registrar, tmp_path / "r.log")
-                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-                    conn.request("GET", "/axis2/services/IMAGEPROXY?wsdl")
-                    response = conn.getresponse()
-                    assert response.status == 200
-                    assert b"RegisterImage" in response.read()
-                    conn.close()
-                finally:
-                    _stop(registrar)
-                assert registrar.returncode == 0
-        finally:
-            _stop(store)
+    # Requires=/After= imgstore.service: the store is ready first.
+    with _ready_daemon(store_cmd, store_env, tmp_path, "s.log") as store:
+        with _ready_daemon(serve_cmd, env, tmp_path, "r.log") as registrar:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", "/axis2/services/IMAGEPROXY?wsdl")
+            response = conn.getresponse()
+            assert response.status == 200
+            assert b"RegisterImage" in response.read()
+            conn.close()
+        assert registrar.returncode == 0
     assert store.returncode == 0
     assert not os.path.ismount(mountpoint)
