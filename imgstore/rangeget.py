@@ -58,6 +58,11 @@ class _Target:
     path: str  # the request target: origin-form, or absolute-form through a proxy
     proxy: tuple[str, int] | None
 
+    @property
+    def key(self) -> tuple[object, ...]:
+        """Connections are pooled per origin and proxy."""
+        return (self.scheme, self.host, self.port, self.proxy)
+
 
 def proxy_for(url: str, configured: str | None) -> str | None:
     """The proxy URL for `url`: the configured one, else `http_proxy`/`https_proxy` (and
@@ -112,21 +117,18 @@ class RangeGetter:
             }
             if strong_etag(etag):
                 headers["If-Range"] = etag  # type: ignore[assignment]
-            try:
-                conn.request("GET", target.path, headers=headers)
-                resp = conn.getresponse()
-            except (OSError, http.client.HTTPException) as exc:
-                if not reused or not isinstance(exc, _STALE):
-                    raise Retry(_describe(exc)) from exc
-                # A kept-alive connection the server closed while it was idle: not a failure
-                # of the origin, so ask again at once on a new one.
-                conn.close()
-                conn, _ = self._checkout(target, fresh=True)
+            while True:
                 try:
                     conn.request("GET", target.path, headers=headers)
                     resp = conn.getresponse()
-                except (OSError, http.client.HTTPException) as exc2:
-                    raise Retry(_describe(exc2)) from exc2
+                    break
+                except (OSError, http.client.HTTPException) as exc:
+                    if not reused or not isinstance(exc, _STALE):
+                        raise Retry(_describe(exc)) from exc
+                    # A kept-alive connection the server closed while it was idle: not a
+                    # failure of the origin, so ask again at once on a new one.
+                    conn.close()
+                    conn, reused = self._checkout(target, fresh=True)
             status = resp.status
             if status in (301, 302, 303, 307, 308):
                 raise Unhandled(f"{url}: redirect {status}")
@@ -182,20 +184,18 @@ class RangeGetter:
 
     def _checkout(self, t: _Target, fresh: bool = False) -> tuple[http.client.HTTPConnection, bool]:
         """A connection to `t` and whether it was kept alive from an earlier request."""
-        key = (t.scheme, t.host, t.port, t.proxy)
         with self._lock:
-            pool = self._idle.get(key)
+            pool = self._idle.get(t.key)
             if pool and not fresh:
                 return pool.pop(), True
         timeout = self.connect_timeout
+        host, port = t.proxy or (t.host, t.port)
         conn: http.client.HTTPConnection
         if t.scheme == "https":
-            host, port = t.proxy or (t.host, t.port)
             conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=self._ssl)
             if t.proxy:
                 conn.set_tunnel(t.host, t.port)
         else:
-            host, port = t.proxy or (t.host, t.port)
             conn = http.client.HTTPConnection(host, port, timeout=timeout)
         try:
             conn.connect()
@@ -208,9 +208,8 @@ class RangeGetter:
         return conn, False
 
     def _checkin(self, t: _Target, conn: http.client.HTTPConnection) -> None:
-        key = (t.scheme, t.host, t.port, t.proxy)
         with self._lock:
-            pool = self._idle.setdefault(key, [])
+            pool = self._idle.setdefault(t.key, [])
             if len(pool) < _IDLE_PER_POOL:
                 pool.append(conn)
                 return
