@@ -29,7 +29,7 @@ Metric names:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Protocol
 
 import trio
@@ -42,7 +42,6 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from imgstore.asgi import Receive, Scope, Send, lifespan
-from imgstore.chunks import chunks_touching
 from imgstore.errors import MountError
 
 log = logging.getLogger(__name__)
@@ -55,8 +54,6 @@ FETCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60
 class ChunkedBlob(Protocol):
     """What a read's hit/miss count looks at in `imgstore.store.Blob`."""
 
-    size: int
-    chunk_size: int
     readable: Mapping[int, int]
 
 
@@ -104,9 +101,9 @@ class StoreMetrics:
         self._hits = self.chunk_lookups.labels("hit")
         self._misses = self.chunk_lookups.labels("miss")
 
-    def lookup(self, blob: ChunkedBlob, off: int, end: int) -> None:
-        """Count the chunks a read of [off, end) touches as hits (cached now) or misses."""
-        for idx in chunks_touching(off, end - off, blob.size, blob.chunk_size):
+    def lookup(self, blob: ChunkedBlob, touched: Iterable[int]) -> None:
+        """Count the chunks a read touches as hits (cached now) or misses."""
+        for idx in touched:
             (self._hits if idx in blob.readable else self._misses).inc()
 
     def fetched(self, length: int, seconds: float) -> None:

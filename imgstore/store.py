@@ -311,12 +311,12 @@ class Store:
         end = min(off + size, blob.size)
         if off >= end:
             return b""
-        self.metrics.lookup(blob, off, end)
+        touched = chunks_touching(off, end - off, blob.size, blob.chunk_size)
+        self.metrics.lookup(blob, touched)
         self._readahead(handle, off, end)
         gated = blob.state != "verified" and handle.would_complete(off, end)
         handle.pending.append((off, end))
         try:
-            touched = chunks_touching(off, end - off, blob.size, blob.chunk_size)
             if gated:
                 await self._verified(blob)
             elif not all(i in blob.readable for i in touched):
