@@ -25,6 +25,12 @@ log = logging.getLogger(__name__)
 
 BLOCK = 4096
 METADATA_SLACK = 2 * BLOCK
+# A reservation trusts the last statvfs, less what was reserved since, while this much stays
+# free above `min_free` and the figure is this recent. A statvfs per 4 MiB chunk was a thread
+# hop inside the one-at-a-time write of a sequential reader's chunks (250 per GiB). Other
+# processes may fill the disk in between: a write that meets ENOSPC still evicts and retries.
+DISK_HEADROOM = 256 * 1024 * 1024
+DISK_RECHECK_S = 1.0
 
 Runner = Callable[..., Awaitable[Any]]
 
@@ -48,6 +54,9 @@ class Budget:
         self.evicted_bytes = 0
         # Held while deciding and evicting, so two reservations never count the same room.
         self._lock = trio.Lock()
+        # The last statvfs: (trio time, bytes available), and bytes reserved since.
+        self._disk: tuple[float, int] | None = None
+        self._reserved_since_stat = 0
 
     @property
     def used(self) -> int:
@@ -56,6 +65,7 @@ class Budget:
     async def refresh(self) -> None:
         """Re-read the allocated size of every data file (other processes write too)."""
         self.allocated = await self._io(scan_allocated, self.cfg.cache_dir)
+        self._disk = None  # and the disk's free space, at the next check
 
     @contextlib.asynccontextmanager
     async def reserve(self, sha1: str, length: int) -> AsyncIterator[None]:
@@ -67,6 +77,7 @@ class Budget:
         async with self._lock:
             await self._make_room(sha1, need)
             self.reserved += need
+            self._reserved_since_stat += need
         try:
             yield
         finally:
@@ -100,8 +111,17 @@ class Budget:
         return self.cfg.cache_size is None or self.used + need <= self.cfg.cache_size
 
     async def _disk_fits(self, need: int) -> bool:
+        floor = self.cfg.min_free + need
+        if self._disk is not None:
+            checked, avail = self._disk
+            left = avail - self._reserved_since_stat
+            if trio.current_time() - checked < DISK_RECHECK_S and left - DISK_HEADROOM >= floor:
+                return True
         st = await self._io(os.statvfs, self.cfg.cache_dir)
-        return st.f_bavail * st.f_frsize - need - self.reserved >= self.cfg.min_free
+        avail = st.f_bavail * st.f_frsize
+        self._disk = (trio.current_time(), avail - self.reserved)
+        self._reserved_since_stat = 0
+        return avail - need - self.reserved >= self.cfg.min_free
 
     def _limit_text(self) -> str:
         if self.cfg.cache_size is None:

@@ -41,6 +41,7 @@ Buffer = bytes | bytearray | memoryview
 # As many as the readahead window holds (32 MiB of 4 MiB chunks): a sequential reader's
 # chunks are written with O_DIRECT, so the page cache does not have them.
 RECENT_CHUNKS = 8
+HASH_BATCH = 4
 # How long an fdatasync waits for more chunks to cover while a blob is being fetched.
 SYNC_BATCH_S = 0.05
 # Reads the page cache holds are served on the trio thread (RWF_NOWAIT never waits for the
@@ -705,11 +706,11 @@ class Store:
                 idx = blob.hasher.hashed // blob.chunk_size
                 if idx not in blob.readable or blob.state == "corrupt":
                     return
-                start, end = chunk_span(idx, blob.size, blob.chunk_size)
-                data = blob.memory(idx)
-                if data is not None:  # no need to read back what we just wrote
-                    await self._io(blob.hasher.update, data)
+                pieces = self._in_memory_run(blob, idx)
+                if pieces:  # no need to read back what we just wrote
+                    await self._io(_hash_pieces, blob.hasher, pieces)
                 else:
+                    start, end = chunk_span(idx, blob.size, blob.chunk_size)
                     await self._io(_hash_range, blob, start, end)
             if blob.hasher.matches():
                 if not blob.complete() or blob.hash_stale:
@@ -725,6 +726,22 @@ class Store:
         finally:
             blob.hash_lock.release()
             self.nursery.start_soon(self._maybe_close, blob)
+
+    @staticmethod
+    def _in_memory_run(blob: Blob, idx: int) -> list[bytes | ChunkBuffer]:
+        """Chunks idx, idx+1, ... that are readable and in memory, up to HASH_BATCH of them.
+
+        The prefix hash is one chain, and each step a thread hop: when it falls behind, one
+        hop takes all the chunks that have arrived meanwhile.
+        """
+        pieces = []
+        while len(pieces) < HASH_BATCH and idx in blob.readable:
+            data = blob.memory(idx)
+            if data is None:
+                break
+            pieces.append(data)
+            idx += 1
+        return pieces
 
     async def _corrupt(self, blob: Blob) -> None:
         """Mark the blob corrupt, forget and free its cached bytes; readers get BlobCorrupt."""
@@ -769,6 +786,11 @@ class Store:
             blob.verdict.set()
             blob.wake.set()
         return True
+
+
+def _hash_pieces(hasher: PrefixHasher, pieces: list[bytes | ChunkBuffer]) -> None:
+    for data in pieces:
+        hasher.update(data)
 
 
 def _hash_range(blob: Blob, start: int, end: int) -> None:
