@@ -206,3 +206,21 @@ async def test_concurrent_reads_on_one_handle_cannot_slip_past_the_gate(tmp_path
             nursery.start_soon(read, MiB, MiB)
         await store.release(handle)
     assert "corrupt" in outcomes  # never both halves of wrong bytes
+
+
+@pytest.mark.trio
+async def test_a_roomy_disk_is_not_asked_for_its_free_space_per_chunk(
+    tmp_path, origin, monkeypatch
+):
+    # statvfs once per chunk was a thread hop in the middle of every chunk's write.
+    data = os.urandom(24 * MiB)
+    sha1 = hashlib.sha1(data).hexdigest()
+    client.add(tmp_path, sha1, [origin.put("roomy.bin", data)], chunk_size=CHUNK)
+    calls = []
+    real = os.statvfs
+    monkeypatch.setattr("imgstore.budget.os.statvfs", lambda p: calls.append(p) or real(p))
+    async with open_store(config(tmp_path)) as store:
+        assert await read_all(store, sha1, piece=MiB) == data
+    assert client.info(tmp_path, sha1).state == "verified"
+    # 24 chunks, a second or so: one statvfs, or one more if the clock crossed the recheck.
+    assert 1 <= len(calls) <= 3
