@@ -13,6 +13,7 @@ CloudError whose `step` says what was being done ("bucket create", "part upload"
     cloud.wait_available(image_id)
     ...
     cloud.cleanup(folder, image_id)              # deregister + delete everything under folder
+    cloud.cleanup(folder, by_name=True)          # the id never reached us: find it by name
 
 `upload.abort()` deletes whatever the upload put (or may have put); `registrar.install` wires
 these steps together with that cleanup on every failure path.
@@ -261,15 +262,34 @@ class Cloud:
             _raise_cloud_error("DeregisterImage", exc)
         log.info("deregistered %s", image_id)
 
-    def cleanup(self, folder: str, image_id: str | None = None) -> None:
+    def images_named(self, name: str) -> list[str]:
+        """Ids of the images registered under `name` (step "DescribeImages")."""
+        try:
+            response = self.ec2.describe_images(Filters=[{"Name": "name", "Values": [name]}])
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            _raise_cloud_error("DescribeImages", exc)
+        # The filter is the cloud's; the check is ours.
+        return [str(i["ImageId"]) for i in response.get("Images", []) if i.get("Name") == name]
+
+    def cleanup(self, folder: str, image_id: str | None = None, *, by_name: bool = False) -> None:
         """Deregister `image_id` (if any) and delete every object under `folder/`.
 
-        Both are attempted even if one fails; the first failure is raised after.
+        `by_name`: also deregister every image named `folder`, for when a RegisterImage may
+        have gone through without its id reaching us: an answer lost to a reset or a timeout
+        (botocore then retries, and each attempt may register), or a registrar killed before
+        it saved the id. A bundle's folder name is unique, and it is the image's name.
+        Everything is attempted even if one step fails; the first failure is raised after.
         """
         errors: list[CloudError] = []
-        if image_id:
+        image_ids = [image_id] if image_id else []
+        if by_name:
             try:
-                self.deregister(image_id)
+                image_ids += [i for i in self.images_named(folder) if i not in image_ids]
+            except CloudError as exc:
+                errors.append(exc)
+        for each in image_ids:
+            try:
+                self.deregister(each)
             except CloudError as exc:
                 errors.append(exc)
         try:

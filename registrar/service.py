@@ -581,7 +581,8 @@ class Service:
         try:
             if upload is not None:
                 upload.abort()
-            self.cloud.cleanup(folder, image_id)
+            # No id: RegisterImage failed, or was never sent, or went through unanswered.
+            self.cloud.cleanup(folder, image_id, by_name=image_id is None)
         except CloudError as exc:
             log.error(
                 "%s: cleanup of %s failed (%s); will retry at the next claim", key, folder, exc
@@ -593,7 +594,8 @@ class Service:
     def _clean_job(self, job: Job) -> None:
         """Delete what an abandoned job may have put in the cloud, and drop its pins."""
         if job.prefix and job.bucket == self.cloud.bucket:
-            self.cloud.cleanup(job.prefix, job.image_id)
+            # No saved id: the registrar may have died after the cloud registered the image.
+            self.cloud.cleanup(job.prefix, job.image_id, by_name=job.image_id is None)
         elif job.image_id:
             self.cloud.deregister(job.image_id)
         if job.prefix and job.bucket and job.bucket != self.cloud.bucket:

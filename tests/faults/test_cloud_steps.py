@@ -119,3 +119,30 @@ def test_registrar_killed_mid_bundle_leaves_no_orphans_and_the_request_is_redone
     assert text.startswith("FILESYSTEM=")
     assert len(stack.cloud.image_ids()) == 1
     assert len({key.split("/", 1)[0] for key in stack.cloud.bucket_keys()}) == 1
+
+
+def test_a_registration_whose_answer_was_lost_is_found_by_name_and_undone(
+    stack: Stack, origin: Origin, image_factory: ImageFactory
+) -> None:
+    # The cloud registers the image but the registrar never hears it: it gets 503s (botocore
+    # retries, and every attempt registers again).
+    images = image_factory.publish(
+        origin, size_mib=16, fs_format="raw", kernel=False, ramdisk=False
+    )
+    fs = images.parts["FILESYSTEM"]
+    service = stack.zeep(stack.start())
+    stack.cloud.lose_answer("RegisterImage")
+    message = _fault(service, images.metadata_url, images.metadata_sha1)
+    assert message.startswith(
+        f"registering the FILESYSTEM image from {fs.url} failed: RegisterImage: "
+    )
+    assert "ServiceUnavailable" in message
+    assert len(stack.cloud.calls_of("RegisterImage")) >= 1
+    assert len(stack.cloud.calls_of("DeregisterImage")) >= 1
+    assert stack.cloud.image_ids() == []
+    assert stack.cloud.bucket_keys() == []
+
+    stack.cloud.answer_normally()
+    text = service.RegisterImage(url=images.metadata_url, signature=images.metadata_sha1)
+    assert text.startswith("FILESYSTEM=")
+    assert len(stack.cloud.image_ids()) == 1

@@ -2,7 +2,8 @@
 
 - a part shared by two image sets is registered once, even when both arrive together;
 - an image deregistered behind our back is noticed by the cheap check and redone;
-- a registrar killed mid-registration leaves nothing behind once it is restarted.
+- a registrar killed mid-registration leaves nothing behind once it is restarted, even when
+  it died before the cloud's answer to RegisterImage reached it.
 """
 
 from __future__ import annotations
@@ -134,6 +135,34 @@ def test_registrar_killed_mid_registration_is_cleaned_up_and_redone(
     )
     assert sorted(stack.cloud.image_ids()) == sorted(answer.values())
     assert len(_folders(stack)) == 3
+
+
+def test_registrar_killed_before_the_cloud_answered_register_leaves_no_image(
+    stack: Stack, origin: Origin, image_factory: ImageFactory
+) -> None:
+    # The window between the cloud registering an image and the registrar saving its id.
+    images = image_factory.publish(
+        origin, size_mib=16, fs_format="raw", kernel=False, ramdisk=False
+    )
+    stack.cloud.hold_answer("RegisterImage")
+    registrar = stack.start()
+    caller, outcome = register_in_background(
+        stack.zeep(registrar), images.metadata_url, images.metadata_sha1
+    )
+    _wait_for(lambda: len(stack.cloud.image_ids()) == 1, "the cloud registered the image")
+    registrar.stop(signal.SIGKILL)
+    caller.join(60)
+    assert outcome and not isinstance(outcome[0], str)
+    stack.cloud.answer_normally()
+
+    restarted = stack.start()
+    assert stack.cloud.image_ids() == []
+    assert stack.cloud.bucket_keys() == []
+    assert "cleaned up 1 registration" in restarted.log_text()
+    answer = loads(
+        stack.zeep(restarted).RegisterImage(url=images.metadata_url, signature=images.metadata_sha1)
+    )
+    assert stack.cloud.image_ids() == [answer["FILESYSTEM"]]
 
 
 def test_sigterm_mid_registration_exits_promptly_and_the_next_start_cleans_up(

@@ -18,6 +18,9 @@ proxy of ours in front of moto, at Eucalyptus' own paths (`/services/objectstora
   `cloud.s3_auth_schemes` the scheme of each one's Authorization header;
 - `cloud.refuse("RegisterImage", code, message)`: answer that action with an EC2 error, the
   way Eucalyptus refuses an invalid manifest or parameter;
+- `cloud.lose_answer("RegisterImage")`: moto does it, the registrar gets a 503 (a lost answer,
+  which botocore retries); `cloud.hold_answer(action)` holds moto's answer until
+  `cloud.answer_normally()` (to kill the registrar in between);
 - `cloud.hold_pending = True`: DescribeImages reports `pending` instead of `available`, the
   way a slow or stuck Eucalyptus does; `cloud.report_image_state("failed")` any other state;
 - `cloud.expect_parallel_parts(n)`: part uploads wait until n are in flight at once (then
@@ -31,6 +34,7 @@ decrypt bundles), `cloud.user_cert`/`cloud.user_key` for the user's credentials.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import http.client
@@ -175,6 +179,8 @@ class RecordingProxy:
         self.s3_requests: list[tuple[str, str, str | None]] = []
         self.s3_auth_schemes: list[str] = []
         self.refusals: dict[str, tuple[int, str, str]] = {}
+        self.lost_answers: set[str] = set()  # done by moto, answered 503 to the client
+        self.held_answers: dict[str, threading.Event] = {}  # done by moto, answered once set
         self.image_state: str | None = None  # what DescribeImages says instead of "available"
         self.part_barrier: threading.Barrier | None = None
         self.part_barrier_timeout = 30.0
@@ -225,6 +231,10 @@ class RecordingProxy:
             self.s3_requests.clear()
             self.s3_auth_schemes.clear()
             self.refusals.clear()
+            self.lost_answers.clear()
+            for event in self.held_answers.values():
+                event.set()
+            self.held_answers.clear()
             self.image_state = None
             self.part_barrier = None
             self.part_barrier_result = None
@@ -256,15 +266,12 @@ class RecordingProxy:
                 auth = handler.headers.get("Authorization", "")
                 self.s3_auth_schemes.append(auth.split(" ", 1)[0])
             refusal = self.refusals.get(action) if action else None
+            lost = action in self.lost_answers
+            held = self.held_answers.get(action) if action else None
             state = self.image_state
         if refusal is not None:
             status, code, message = refusal
-            xml = (
-                '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error>'
-                f"<Code>{code}</Code><Message>{message}</Message></Error></Errors>"
-                "<RequestID>stand-in</RequestID></Response>"
-            ).encode()
-            self._reply(handler, status, {"Content-Type": "text/xml"}, xml)
+            self._reply(handler, status, {"Content-Type": "text/xml"}, _ec2_error(code, message))
             return
         if handler.command == "PUT" and ".part." in handler.path:
             self._wait_at_part_barrier()
@@ -288,12 +295,23 @@ class RecordingProxy:
                 if k.lower() not in ("transfer-encoding", "connection")
                 and (k.lower() != "content-length" or handler.command == "HEAD")
             }
+            if held is not None:
+                held.wait(timeout=120)
+            if lost:
+                data = _ec2_error("ServiceUnavailable", "answer lost by the stand-in")
+                with contextlib.suppress(OSError):
+                    self._reply(handler, 503, {"Content-Type": "text/xml"}, data)
+                return
             if state and action == "DescribeImages":
                 data = data.replace(
                     b"<imageState>available</imageState>",
                     f"<imageState>{state}</imageState>".encode(),
                 )
-            self._reply(handler, response.status, out_headers, data, head=handler.command == "HEAD")
+            # The client may be gone (a registrar killed while its answer was held).
+            with contextlib.suppress(OSError):
+                self._reply(
+                    handler, response.status, out_headers, data, head=handler.command == "HEAD"
+                )
         finally:
             conn.close()
 
@@ -332,6 +350,15 @@ class RecordingProxy:
         handler.end_headers()
         if not head:
             handler.wfile.write(body)
+
+
+def _ec2_error(code: str, message: str) -> bytes:
+    """An EC2 error response body, as Eucalyptus sends one."""
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error>'
+        f"<Code>{code}</Code><Message>{message}</Message></Error></Errors>"
+        "<RequestID>stand-in</RequestID></Response>"
+    ).encode()
 
 
 @dataclasses.dataclass
@@ -405,6 +432,24 @@ class StandInCloud:
         """Make the EC2 endpoint answer `action` with this error from now on."""
         with self._server.proxy._lock:
             self._server.proxy.refusals[action] = (status, code, message)
+
+    def lose_answer(self, action: str) -> None:
+        """Let moto do `action`, but answer the registrar 503, as if the reply was lost."""
+        with self._server.proxy._lock:
+            self._server.proxy.lost_answers.add(action)
+
+    def hold_answer(self, action: str) -> None:
+        """Let moto do `action`, but hold its answer until `answer_normally()`."""
+        with self._server.proxy._lock:
+            self._server.proxy.held_answers[action] = threading.Event()
+
+    def answer_normally(self) -> None:
+        """Stop losing and holding answers; the held ones go out now."""
+        with self._server.proxy._lock:
+            self._server.proxy.lost_answers.clear()
+            for event in self._server.proxy.held_answers.values():
+                event.set()
+            self._server.proxy.held_answers.clear()
 
     @property
     def hold_pending(self) -> bool:
