@@ -32,6 +32,7 @@ class BufferPool:
         self.size = size
         self.keep = keep
         self._bufs: list[mmap.mmap] = []
+        self.made = 0  # buffers of `size` ever created: more than `keep` means some were not
 
     def take(self, size: int) -> ChunkBuffer:
         """A buffer of exactly `size` bytes (contents undefined): a free pooled one if any."""
@@ -41,6 +42,7 @@ class BufferPool:
             if sys.getrefcount(buf) == _FREE_REFS:
                 return buf
         buf = mmap.mmap(-1, size)
+        self.made += 1
         if len(self._bufs) < self.keep:
             self._bufs.append(buf)
         return buf

@@ -603,6 +603,9 @@ class Store:
         if written and blob.generation == generation and blob.state != "corrupt":
             if blob.unwritten.pop(idx, None) is not None:
                 blob.remember(idx, data)
+            # The buffer goes back to the pool once `recent` lets go of it, not after the
+            # fdatasync below: 50 ms of chunks would each hold one meanwhile.
+            del data
             await self._record(blob, generation, idx)  # ends this chunk's `recording`
             return
         blob.unwritten.pop(idx, None)
