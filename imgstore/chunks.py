@@ -144,7 +144,7 @@ class DataFile:
             # Anonymous mappings (the pool's buffers) are page-aligned; other buffers are not,
             # and one refused O_DIRECT write would turn it off for the file.
             if direct and isinstance(data, mmap.mmap) and off % DIRECT_ALIGN == 0:
-                done = self._write_direct(off, view[: len(view) - len(view) % DIRECT_ALIGN])
+                done = self._write_direct(off, [view[: len(view) - len(view) % DIRECT_ALIGN]])
                 view = view[done:]
                 off += done
             while view:
@@ -156,8 +156,31 @@ class DataFile:
             raise
         return allocated(self.fd)
 
-    def _write_direct(self, off: int, view: memoryview) -> int:
-        """Write what O_DIRECT can of `view` at `off`; returns the bytes written."""
+    def write_many(
+        self, off: int, pieces: list[bytes | bytearray | mmap.mmap], direct: bool = False
+    ) -> int:
+        """`write` of consecutive pieces from `off`: one pwritev if they can all go O_DIRECT."""
+        whole = sum(len(p) for p in pieces)
+        if (
+            direct
+            and len(pieces) > 1
+            and off % DIRECT_ALIGN == 0
+            and all(isinstance(p, mmap.mmap) and len(p) % DIRECT_ALIGN == 0 for p in pieces)
+        ):
+            try:
+                if self._write_direct(off, [memoryview(p) for p in pieces]) == whole:
+                    return allocated(self.fd)
+            except OSError as exc:
+                _raise_if_full(exc, self.path)
+                raise
+        # Piece by piece (again, if O_DIRECT stopped part way: the same bytes).
+        for piece in pieces:
+            self.write(off, piece, direct)
+            off += len(piece)
+        return allocated(self.fd)
+
+    def _write_direct(self, off: int, views: list[memoryview]) -> int:
+        """Write what O_DIRECT can of `views`, in order from `off`; returns the bytes written."""
         if self.direct_fd is None:
             try:
                 self.direct_fd = os.open(self.path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
@@ -167,9 +190,14 @@ class DataFile:
                 log.debug("%s: no O_DIRECT here (%s); buffered writes", self.path, exc)
                 self.direct_fd = -1
         done = 0
-        while self.direct_fd >= 0 and done < len(view):
+        while self.direct_fd >= 0 and views:
             try:
-                done += os.pwrite(self.direct_fd, view[done:], off + done)
+                n = os.pwritev(self.direct_fd, views, off + done)
+                done += n
+                while views and n >= len(views[0]):
+                    n -= len(views.pop(0))
+                if views:
+                    views[0] = views[0][n:]
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise

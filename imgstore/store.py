@@ -42,6 +42,12 @@ Buffer = bytes | bytearray | memoryview
 # chunks are written with O_DIRECT, so the page cache does not have them.
 RECENT_CHUNKS = 8
 HASH_BATCH = 4
+# Neighbouring chunks waiting to be written behind go to the disk in one pwritev of up to this
+# many: each write is a thread hop, and the writes of a blob are one chain.
+WRITE_RUN = 4
+# How often a writer waiting for the hasher looks again, should a signal be missed (the
+# hasher signals each step, and when it stops).
+HASH_WAIT_S = 0.1
 # How long an fdatasync waits for more chunks to cover while a blob is being fetched.
 SYNC_BATCH_S = 0.05
 # Reads the page cache holds are served on the trio thread (RWF_NOWAIT never waits for the
@@ -73,12 +79,17 @@ class Blob:
         self.wake = trio.Event()  # set (and replaced) when a chunk is lost, and at the verdict
         # Chunks being fetched: index -> event set when the flight ends (success or not).
         self.inflight: dict[int, trio.Event] = {}
+        self.fetching: set[int] = set()  # of those, the ones past waiting for a slot
         self.failures: dict[int, StoreError] = {}
         # Copies of the last few present chunks (index -> bytes), oldest first; only chunks in
         # `present`, cleared with it.
         self.recent: OrderedDict[int, bytes | ChunkBuffer] = OrderedDict()
         # Readable chunks not yet in the data file (Store._write_behind): served from here.
         self.unwritten: dict[int, bytes | ChunkBuffer] = {}
+        # Of those, the ones the writer has not taken yet: index -> (generation, bytes).
+        self.to_write: dict[int, tuple[int, bytes | ChunkBuffer]] = {}
+        self.writing = False  # a `_write_behind` task is running for this blob
+        self.hash_moved = trio.Event()  # set (and replaced) when the hasher advances or stops
         self.whole: trio.Event | None = None  # set when a whole-body stream ends
         self.whole_error: StoreError | None = None
         self.requests = trio.CapacityLimiter(max_requests)
@@ -457,6 +468,7 @@ class Store:
                 # Chunks fetched but not yet written are held in memory: bound them.
                 await self.behind.acquire()
                 slot = True
+            blob.fetching.add(idx)
             if blob.ranges:
                 try:
                     async with blob.requests:
@@ -484,6 +496,7 @@ class Store:
             blob.failures[idx] = exc
             log.error("blob %s: chunk %d: %s", blob.sha1, idx, exc)
         finally:
+            blob.fetching.discard(idx)
             if slot:
                 self.behind.release()
             blob.inflight.pop(idx).set()
@@ -545,12 +558,15 @@ class Store:
         assert len(data) == end - start
         if direct:
             blob.unwritten[idx] = data
+            blob.to_write[idx] = (generation, data)
             self._readable(blob, idx)
             blob.recording += 1
-            self.nursery.start_soon(self._write_behind, blob, generation, idx, data)
+            if not blob.writing:
+                blob.writing = True
+                self.nursery.start_soon(self._write_behind, blob)
             self.nursery.start_soon(self._advance_hash, blob)
             return
-        if not await self._write(blob, generation, idx, data, direct=False):
+        if not await self._write(blob, generation, idx, [data], direct=False):
             return
         self._readable(blob, idx)
         blob.remember(idx, data)
@@ -566,51 +582,102 @@ class Store:
             blob.state = "partial"  # the state xattr: a reader has bytes (the catalog follows)
 
     async def _write(
-        self, blob: Blob, generation: int, idx: int, data: bytes | ChunkBuffer, direct: bool
+        self,
+        blob: Blob,
+        generation: int,
+        idx: int,
+        pieces: list[bytes | ChunkBuffer],
+        direct: bool,
     ) -> bool:
-        """pwrite a chunk within the budget; False if the blob was dropped meanwhile."""
-        start, end = chunk_span(idx, blob.size, blob.chunk_size)
+        """pwrite chunks idx, idx+1, ... within the budget; False if the blob was dropped."""
+        start = chunk_span(idx, blob.size, blob.chunk_size)[0]
+        length = sum(len(p) for p in pieces)
         # The write lock first: a chunk waiting for its turn holds no reservation, so a small
         # disk is not "full" of reservations for writes that cannot run yet. Under the lock,
         # nothing is written into a blob whose data was just dropped (`_corrupt` holds it).
-        async with blob.write_lock, self.budget.reserve(blob.sha1, end - start):
+        async with blob.write_lock, self.budget.reserve(blob.sha1, length):
             if blob.generation != generation or blob.state == "corrupt":
                 return False
             try:
-                alloc = await self._io(blob.data.write, start, data, direct)
+                alloc = await self._io(blob.data.write_many, start, pieces, direct)
             except CacheFull:
                 # The disk is fuller than the budget knows: make room once, then give up.
-                await self.budget.make_room(blob.sha1, end - start, force=True)
-                alloc = await self._io(blob.data.write, start, data, direct)
+                await self.budget.make_room(blob.sha1, length, force=True)
+                alloc = await self._io(blob.data.write_many, start, pieces, direct)
             blob.writes += 1
             self._note_allocated(blob, alloc)
         return True
 
-    async def _write_behind(
-        self, blob: Blob, generation: int, idx: int, data: bytes | ChunkBuffer
-    ) -> None:
-        """Write a chunk readers already have from memory; then record it like any other."""
+    async def _write_behind(self, blob: Blob) -> None:
+        """Write the chunks readers already have from memory; then record each like any other.
+
+        One task per blob takes what is waiting, lowest first, neighbours together: while
+        one run is written, the next chunks queue up and go in one pwritev.
+        """
         try:
-            written = await self._write(blob, generation, idx, data, direct=True)
+            while blob.to_write:
+                first = min(blob.to_write)
+                if self._hash_lags(blob, first):
+                    # A written chunk stays in memory only while it is among the recent ones:
+                    # written too far ahead of the hasher, it would be read back from the disk
+                    # to be hashed. Waiting here holds its write-behind slot, which holds back
+                    # the fetches: the pipeline goes at the pace of its slowest chain.
+                    with trio.move_on_after(HASH_WAIT_S):
+                        await blob.hash_moved.wait()
+                    continue
+                generation = blob.to_write[first][0]
+                run = [first]
+                while len(run) < WRITE_RUN and blob.to_write.get(run[-1] + 1, (None,))[0] == (
+                    generation
+                ):
+                    run.append(run[-1] + 1)
+                await self._write_run(blob, generation, [(i, blob.to_write.pop(i)[1]) for i in run])
+        finally:
+            blob.writing = False
+
+    @staticmethod
+    def _hash_lags(blob: Blob, idx: int) -> bool:
+        """Whether writing chunks from `idx` now would push unhashed ones out of memory.
+
+        Only when the hasher will go on by itself: its next chunk is readable, or on its way
+        (past waiting for a write-behind slot, so it does not need one this writer holds).
+        A hasher that waits for a chunk nobody fetches (a reader that started mid-blob), or
+        for one lost or failed, must not stop the writes.
+        """
+        if blob.verdict.is_set() or blob.state == "corrupt":
+            return False
+        next_idx = blob.hasher.hashed // blob.chunk_size
+        if idx - next_idx <= RECENT_CHUNKS - WRITE_RUN:
+            return False
+        return next_idx in blob.readable or next_idx in blob.fetching
+
+    async def _write_run(
+        self, blob: Blob, generation: int, chunks: list[tuple[int, bytes | ChunkBuffer]]
+    ) -> None:
+        try:
+            written = await self._write(
+                blob, generation, chunks[0][0], [data for _, data in chunks], direct=True
+            )
         except StoreError as exc:
-            log.error("blob %s: chunk %d not stored: %s", blob.sha1, idx, exc)
-            self.metrics.fetch_errors.inc()
-            self._lose(blob, idx)
-            blob.failures[idx] = exc  # a reader waiting for it gets this, as from a flight
+            for idx, _ in chunks:
+                log.error("blob %s: chunk %d not stored: %s", blob.sha1, idx, exc)
+                self.metrics.fetch_errors.inc()
+                self._lose(blob, idx)
+                blob.failures[idx] = exc  # a reader waiting for it gets this, as from a flight
             written = False
         finally:
-            self.behind.release()  # taken by the flight that fetched it
-        if written and blob.generation == generation and blob.state != "corrupt":
-            if blob.unwritten.pop(idx, None) is not None:
+            for _ in chunks:
+                self.behind.release()  # taken by the flight that fetched it
+        kept = written and blob.generation == generation and blob.state != "corrupt"
+        for idx, data in chunks:
+            if blob.unwritten.pop(idx, None) is not None and kept:
                 blob.remember(idx, data)
-            # The buffer goes back to the pool once `recent` lets go of it, not after the
-            # fdatasync below: 50 ms of chunks would each hold one meanwhile.
-            del data
-            await self._record(blob, generation, idx)  # ends this chunk's `recording`
-            return
-        blob.unwritten.pop(idx, None)
-        blob.recording -= 1
-        await self._maybe_close(blob)
+            if kept:
+                self.nursery.start_soon(self._record, blob, generation, idx)  # ends `recording`
+            else:
+                blob.recording -= 1
+        if not kept:
+            await self._maybe_close(blob)
 
     async def _record(self, blob: Blob, generation: int, idx: int) -> None:
         """Make a written chunk durable, then record it in the catalog: it is present then."""
@@ -715,6 +782,8 @@ class Store:
                 else:
                     start, end = chunk_span(idx, blob.size, blob.chunk_size)
                     await self._io(_hash_range, blob, start, end)
+                del pieces
+                _wake(blob)
             if blob.hasher.matches():
                 if not blob.complete() or blob.hash_stale:
                     return  # the last recording calls again; "verified" needs all durable
@@ -728,6 +797,7 @@ class Store:
             blob.wake.set()
         finally:
             blob.hash_lock.release()
+            _wake(blob)
             self.nursery.start_soon(self._maybe_close, blob)
 
     @staticmethod
@@ -789,6 +859,11 @@ class Store:
             blob.verdict.set()
             blob.wake.set()
         return True
+
+
+def _wake(blob: Blob) -> None:
+    blob.hash_moved.set()
+    blob.hash_moved = trio.Event()
 
 
 def _hash_pieces(hasher: PrefixHasher, pieces: list[bytes | ChunkBuffer]) -> None:

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import socket
+import time
 from pathlib import Path
 
 import pyfuse3
@@ -13,6 +14,7 @@ import pytest
 import trio
 
 from imgstore import client
+from imgstore import store as store_module
 from imgstore.config import StoreConfig
 from imgstore.errors import BlobCorrupt, OriginError
 from imgstore.fs import BLOB_BASE, BY_SHA1, Operations
@@ -239,3 +241,31 @@ async def test_a_sequential_read_reuses_its_chunk_buffers(tmp_path, origin):
         # The hash may still hold a batch that dropped out of the recent chunks.
         assert pool.made <= pool.keep + HASH_BATCH
     assert client.info(tmp_path, sha1).state == "verified"
+
+
+@pytest.mark.trio
+async def test_a_cold_sequential_read_is_hashed_from_memory(tmp_path, origin, monkeypatch):
+    # A sequential reader's chunks are written behind it with O_DIRECT, so the page cache does
+    # not have them: one written, then dropped from memory, before the hasher got to it would
+    # be read back from the disk. The writer waits for a hasher that lags (made slow here, as
+    # on a machine whose cores are busy serving the read).
+    data = os.urandom(96 * MiB)
+    sha1 = hashlib.sha1(data).hexdigest()
+    client.add(tmp_path, sha1, [origin.put("seq.bin", data)], chunk_size=4 * MiB)
+    read_back = []
+    real_range, real_pieces = store_module._hash_range, store_module._hash_pieces
+
+    def slow_pieces(hasher, pieces):
+        time.sleep(0.03)
+        real_pieces(hasher, pieces)
+
+    monkeypatch.setattr(
+        store_module,
+        "_hash_range",
+        lambda blob, a, b: read_back.append(a) or real_range(blob, a, b),
+    )
+    monkeypatch.setattr(store_module, "_hash_pieces", slow_pieces)
+    async with open_store(config(tmp_path, chunk_size=4 * MiB)) as store:
+        assert await read_all(store, sha1, piece=MiB) == data
+    assert client.info(tmp_path, sha1).state == "verified"
+    assert read_back == []

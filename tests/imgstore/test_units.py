@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from imgstore.buffers import BufferPool
 from imgstore.catalog import Catalog, Url
-from imgstore.chunks import chunk_span, chunks_touching
+from imgstore.chunks import DataFile, chunk_span, chunks_touching
 from imgstore.config import load, parse_size
 from imgstore.errors import BadSha1, BadUrl, ConfigError, UnknownBlob
 from imgstore.fetcher import check_url, parse_content_range
@@ -186,3 +187,25 @@ def test_a_handle_tracks_what_it_read_as_a_plain_merge_would(
         assert handle.covered_bytes == sum(e - s for s, e in spans)
         completes = _merge([*spans, (last, _Sized.size)]) == [(0, _Sized.size)]
         assert handle.would_complete(last, _Sized.size) is completes
+
+
+@pytest.mark.parametrize("last", [4 * MiB, 4 * MiB - 4096, 12345])
+def test_a_run_of_chunks_lands_byte_for_byte(tmp_path, last):
+    # Pooled buffers go in one O_DIRECT pwritev; a short or unaligned last chunk does not,
+    # and the run is written piece by piece instead.
+    pool = BufferPool(4 * MiB, 4)
+    pieces = []
+    for n, size in enumerate([4 * MiB, 4 * MiB, last]):
+        buf = pool.take(size)
+        buf[:] = bytes([n + 1]) * size
+        pieces.append(buf)
+    total = sum(len(p) for p in pieces)
+    data = DataFile(tmp_path, "a" * 40, total + 4 * MiB)
+    try:
+        allocated = data.write_many(4 * MiB, pieces, direct=True)
+        data.sync()
+        assert data.pread(0, 4 * MiB) == bytes(4 * MiB)  # a hole
+        assert data.pread(4 * MiB, total) == b"".join(bytes(p) for p in pieces)
+        assert allocated >= total
+    finally:
+        data.close()
