@@ -50,6 +50,8 @@ WRITE_RUN = 4
 HASH_WAIT_S = 0.1
 # How long an fdatasync waits for more chunks to cover while a blob is being fetched.
 SYNC_BATCH_S = 0.05
+# At shutdown, how long to wait for fetched chunks to be written and recorded.
+DRAIN_S = 5.0
 # Reads the page cache holds are served on the trio thread (RWF_NOWAIT never waits for the
 # disk); others take a worker thread.
 _NOWAIT_READS = hasattr(os, "RWF_NOWAIT") and hasattr(os, "preadv")
@@ -79,7 +81,6 @@ class Blob:
         self.wake = trio.Event()  # set (and replaced) when a chunk is lost, and at the verdict
         # Chunks being fetched: index -> event set when the flight ends (success or not).
         self.inflight: dict[int, trio.Event] = {}
-        self.fetching: set[int] = set()  # of those, the ones past waiting for a slot
         self.failures: dict[int, StoreError] = {}
         # Copies of the last few present chunks (index -> bytes), oldest first; only chunks in
         # `present`, cleared with it.
@@ -468,7 +469,6 @@ class Store:
                 # Chunks fetched but not yet written are held in memory: bound them.
                 await self.behind.acquire()
                 slot = True
-            blob.fetching.add(idx)
             if blob.ranges:
                 try:
                     async with blob.requests:
@@ -496,7 +496,6 @@ class Store:
             blob.failures[idx] = exc
             log.error("blob %s: chunk %d: %s", blob.sha1, idx, exc)
         finally:
-            blob.fetching.discard(idx)
             if slot:
                 self.behind.release()
             blob.inflight.pop(idx).set()
@@ -639,17 +638,17 @@ class Store:
     def _hash_lags(blob: Blob, idx: int) -> bool:
         """Whether writing chunks from `idx` now would push unhashed ones out of memory.
 
-        Only when the hasher will go on by itself: its next chunk is readable, or on its way
-        (past waiting for a write-behind slot, so it does not need one this writer holds).
-        A hasher that waits for a chunk nobody fetches (a reader that started mid-blob), or
-        for one lost or failed, must not stop the writes.
+        Only while the hasher is busy (its next chunk is readable), which it cannot stay for
+        long. A hasher that waits for a chunk must not stop the writes: the chunk may be slow
+        to come, need a write-behind slot held by a chunk waiting here, or never be fetched
+        (a reader that started mid-blob).
         """
         if blob.verdict.is_set() or blob.state == "corrupt":
             return False
         next_idx = blob.hasher.hashed // blob.chunk_size
         if idx - next_idx <= RECENT_CHUNKS - WRITE_RUN:
             return False
-        return next_idx in blob.readable or next_idx in blob.fetching
+        return next_idx in blob.readable
 
     async def _write_run(
         self, blob: Blob, generation: int, chunks: list[tuple[int, bytes | ChunkBuffer]]
@@ -839,6 +838,11 @@ class Store:
             await self._io(_punch_all, blob.data)
         self.budget.allocated[blob.sha1] = 0
 
+    async def drain(self) -> None:
+        """Return once every fetched chunk is written and recorded (or given up on)."""
+        while any(blob.recording for blob in self.blobs.values()):
+            await trio.sleep(0.01)
+
     async def verify_cached(self, handle: Handle) -> bool:
         """Hash every cached byte again (for `imgstore verify`); False if not fully cached."""
         blob = handle.blob
@@ -898,6 +902,10 @@ async def open_store(cfg: StoreConfig) -> AsyncIterator[Store]:
             try:
                 yield store
             finally:
+                # Chunks already fetched are kept: a stop right after a read (an unmount,
+                # `systemctl stop`) should not throw away what it just downloaded.
+                with trio.CancelScope(shield=True), trio.move_on_after(DRAIN_S):
+                    await store.drain()
                 nursery.cancel_scope.cancel()
         store.close_all()
     finally:

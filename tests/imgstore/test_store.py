@@ -269,3 +269,20 @@ async def test_a_cold_sequential_read_is_hashed_from_memory(tmp_path, origin, mo
         assert await read_all(store, sha1, piece=MiB) == data
     assert client.info(tmp_path, sha1).state == "verified"
     assert read_back == []
+
+
+@pytest.mark.trio
+async def test_a_reader_that_starts_mid_blob_has_its_chunks_written(tmp_path, origin):
+    # The hasher waits for chunk 0, which nobody reads: that must not hold the writes back.
+    data = os.urandom(40 * MiB)
+    sha1 = hashlib.sha1(data).hexdigest()
+    client.add(tmp_path, sha1, [origin.put("mid.bin", data)], chunk_size=4 * MiB)
+    async with open_store(config(tmp_path, chunk_size=4 * MiB)) as store:
+        handle = await store.open(sha1)
+        out = bytearray()
+        while chunk := await store.read(handle, 8 * MiB + len(out), MiB):
+            out += chunk
+        await store.release(handle)
+    assert out == data[8 * MiB :]
+    info = client.info(tmp_path, sha1)
+    assert (info.state, info.cached_bytes) == ("partial", 32 * MiB)
