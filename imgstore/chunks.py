@@ -193,6 +193,8 @@ class DataFile:
         while self.direct_fd >= 0 and views:
             try:
                 n = os.pwritev(self.direct_fd, views, off + done)
+                if n == 0 and any(views):
+                    break  # no progress: let the buffered path write the rest
                 done += n
                 while views and n >= len(views[0]):
                     n -= len(views.pop(0))

@@ -41,6 +41,7 @@ Buffer = bytes | bytearray | memoryview
 # As many as the readahead window holds (32 MiB of 4 MiB chunks): a sequential reader's
 # chunks are written with O_DIRECT, so the page cache does not have them.
 RECENT_CHUNKS = 8
+# The most chunks one hash step (one thread hop) takes, when the hasher lags.
 HASH_BATCH = 4
 # Neighbouring chunks waiting to be written behind go to the disk in one pwritev of up to this
 # many: each write is a thread hop, and the writes of a blob are one chain.
@@ -626,9 +627,10 @@ class Store:
                     continue
                 generation = blob.to_write[first][0]
                 run = [first]
-                while len(run) < WRITE_RUN and blob.to_write.get(run[-1] + 1, (None,))[0] == (
-                    generation
-                ):
+                while len(run) < WRITE_RUN:
+                    queued = blob.to_write.get(run[-1] + 1)
+                    if queued is None or queued[0] != generation:
+                        break
                     run.append(run[-1] + 1)
                 await self._write_run(blob, generation, [(i, blob.to_write.pop(i)[1]) for i in run])
         finally:
@@ -782,7 +784,7 @@ class Store:
                     start, end = chunk_span(idx, blob.size, blob.chunk_size)
                     await self._io(_hash_range, blob, start, end)
                 del pieces
-                _wake(blob)
+                _hash_stepped(blob)
             if blob.hasher.matches():
                 if not blob.complete() or blob.hash_stale:
                     return  # the last recording calls again; "verified" needs all durable
@@ -796,7 +798,7 @@ class Store:
             blob.wake.set()
         finally:
             blob.hash_lock.release()
-            _wake(blob)
+            _hash_stepped(blob)
             self.nursery.start_soon(self._maybe_close, blob)
 
     @staticmethod
@@ -865,7 +867,8 @@ class Store:
         return True
 
 
-def _wake(blob: Blob) -> None:
+def _hash_stepped(blob: Blob) -> None:
+    """Wake a writer waiting for the hasher (`Store._write_behind`)."""
     blob.hash_moved.set()
     blob.hash_moved = trio.Event()
 
