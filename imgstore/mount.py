@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyfuse3
@@ -53,13 +54,21 @@ def notify_systemd(message: bytes) -> None:
 
 def is_mounted(mountpoint: Path) -> bool:
     target = os.path.realpath(mountpoint)
-    with open("/proc/self/mounts") as f:
+    return any(where == target for where, _ in _mounts())
+
+
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
+def _mounts() -> Iterator[tuple[str, str]]:
+    """(mount point, "major:minor") of each mount this process sees, from mountinfo."""
+    with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
-            mounted_at = fields[1].replace("\\040", " ")
-            if mounted_at == target:
-                return True
-    return False
+            if len(fields) > 4:
+                # Space, tab, newline and backslash are octal escapes (\040) in mountinfo.
+                where = _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
+                yield where, fields[2]
 
 
 def clean_stale_mount(mountpoint: Path) -> None:
@@ -108,9 +117,6 @@ def mount_options(cfg: StoreConfig) -> set[str]:
     return options
 
 
-_OCTAL = re.compile(r"\\([0-7]{3})")
-
-
 def set_readahead(mountpoint: Path, size: int) -> None:
     """Let the kernel read ahead `size` bytes for readers of verified blobs (page cache).
 
@@ -136,17 +142,13 @@ def _mount_device(mountpoint: Path) -> str | None:
     Not from stat(): that would be a FUSE request to this very process, which does not
     answer yet.
     """
+    found = None
     try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+        for where, device in _mounts():
+            if where == str(mountpoint):
+                found = device  # the last one is the mount on top
     except OSError:
         return None
-    found = None
-    for line in lines:
-        fields = line.split()
-        # Space, tab, newline and backslash are octal escapes (\040) in mountinfo.
-        where = _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), fields[4]) if len(fields) > 4 else ""
-        if where == str(mountpoint):
-            found = fields[2]  # the last one is the mount on top
     return found
 
 
