@@ -364,13 +364,15 @@ class Store:
         A chunk not in memory is in the data file: it was readable (the caller waited) and
         it is not waiting to be written, since those stay in memory until they are.
         """
-        pieces: list[bytes] = []
+        pieces: list[bytes | memoryview] = []
         for idx in chunks_touching(off, end - off, blob.size, blob.chunk_size):
             start, stop = chunk_span(idx, blob.size, blob.chunk_size)
             lo, hi = max(off, start), min(end, stop)
             data = blob.memory(idx)
             if data is not None:
-                pieces.append(bytes(memoryview(data)[lo - start : hi - start]))
+                # A view: the join below is the one copy (the view keeps the buffer from
+                # being reused meanwhile).
+                pieces.append(memoryview(data)[lo - start : hi - start])
             else:
                 pieces.append(await self._io(blob.data.pread, lo, hi - lo))
         return b"".join(pieces)
