@@ -19,7 +19,7 @@ import trio
 
 from imgstore import client
 from imgstore.config import StoreConfig, config_path, human_size, load
-from imgstore.errors import BadSha1, BadUrl, ConfigError, StoreError
+from imgstore.errors import BadSha1, BadUrl, BlobCorrupt, ConfigError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         logging.getLogger("httpx").setLevel(logging.WARNING)
         logging.getLogger("httpcore").setLevel(logging.WARNING)
+        if args.command != "mount":
+            # A one-shot command says how it went in its own lines; the store's log lines
+            # (verified, failed verification, retries) belong in the daemon's log.
+            logging.getLogger("imgstore.store").setLevel(logging.CRITICAL)
     if args.command is None:
         parser.print_help()
         return EXIT_OK
@@ -243,22 +247,41 @@ async def _fetch(cfg: StoreConfig, sha1s: list[str], show_progress: bool) -> int
     failed = 0
     async with open_store(cfg) as store:
         for sha1 in sha1s:
-            handle = await store.open(sha1)
-            try:
-                async with trio.open_nursery() as nursery:
-                    if show_progress:
-                        nursery.start_soon(_progress, handle.blob)
-                    try:
-                        await store.fetch_all(handle)
-                    finally:
-                        nursery.cancel_scope.cancel()
+            error = await _fetch_one(store, sha1, show_progress)
+            if error is None:
                 print(f"{sha1} verified")
-            except StoreError as exc:
-                print(f"imgstore fetch: {exc}", file=sys.stderr)
-                failed += 1
-            finally:
-                await store.release(handle)
+                continue
+            if isinstance(error, BlobCorrupt):
+                # The reason (the SHA-1 the bytes have) is in the catalog, as readers see it.
+                reason = (await store.record(sha1)).error
+                if reason:
+                    error = BlobCorrupt(f"blob {sha1} failed verification ({reason}); re-add it")
+            print(f"imgstore fetch: {error}", file=sys.stderr)
+            failed += 1
     return EXIT_FAILED if failed else EXIT_OK
+
+
+async def _fetch_one(store: Any, sha1: str, show_progress: bool) -> StoreError | None:
+    """Fetch and verify one blob; the error, if any, for the caller to report and go on."""
+    try:
+        handle = await store.open(sha1)
+    except StoreError as exc:
+        return exc
+    error = None
+    try:
+        async with trio.open_nursery() as nursery:
+            if show_progress:
+                nursery.start_soon(_progress, handle.blob)
+            try:
+                await store.fetch_all(handle)
+            except StoreError as exc:
+                # Caught here, not around the nursery: it would wrap it in an ExceptionGroup.
+                error = exc
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        await store.release(handle)
+    return error
 
 
 async def _progress(blob: Any) -> None:

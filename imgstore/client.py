@@ -181,12 +181,13 @@ async def _probe_all(
             try:
                 results[url] = await origin.probe(url)
             except OriginError as exc:
-                log.warning("mirror unusable: %s", exc)
                 errors.append(exc)
     finally:
         await origin.aclose()
     if not results:
-        raise errors[0]
+        raise errors[0]  # the caller's one-line error: no warning line before it
+    for exc in errors:
+        log.warning("mirror unusable: %s", exc)
     return results
 
 

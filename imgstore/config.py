@@ -150,22 +150,14 @@ def build(values: dict[str, Any]) -> StoreConfig:
     for key, value in values.items():
         if value is None:
             continue
-        if key in _SIZE_KEYS:
-            out[key] = parse_size(value)
-        elif key in _INT_KEYS:
-            out[key] = _positive(key, int(value))
-        elif key in _FLOAT_KEYS:
-            out[key] = _positive(key, float(value))
-        elif key in ("cache_dir", "mountpoint"):
-            out[key] = Path(value).expanduser()
-        elif key == "allowed_networks":
-            out[key] = tuple(str(n) for n in parse_networks(value, "[store] allowed_networks"))
-        elif key == "allow_other":
-            if not isinstance(value, bool):
-                raise ConfigError("allow_other must be true or false")
-            out[key] = value
-        else:
-            out[key] = str(value)
+        try:
+            out[key] = _convert(key, value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: {value!r} is not {_EXPECTED.get(key, 'valid')}") from None
+        except ConfigError as exc:
+            if key in str(exc):
+                raise
+            raise ConfigError(f"{key}: {exc}") from None
     if "cache_dir" not in out:
         home = os.environ.get("IMAGEPROXY_HOME")
         if not home:
@@ -201,6 +193,51 @@ def load(path: Path | None, overrides: dict[str, Any]) -> StoreConfig:
     values = read_store_section(path)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return build(values)
+
+
+def _convert(key: str, value: Any) -> Any:
+    """One raw value (TOML or a flag) as the StoreConfig field wants it."""
+    if key in _SIZE_KEYS:
+        return parse_size(value)
+    if key in _INT_KEYS | _FLOAT_KEYS and (isinstance(value, bool) or not _scalar(value)):
+        raise TypeError(key)  # int(True) and float("1") would pass silently; a list would not
+    if key in _INT_KEYS:
+        return _positive(key, int(value))
+    if key in _FLOAT_KEYS:
+        return _positive(key, float(value))
+    if key in ("cache_dir", "mountpoint"):
+        return Path(value).expanduser()
+    if key == "allowed_networks":
+        return tuple(str(n) for n in parse_networks(value, "[store] allowed_networks"))
+    if key == "allow_other":
+        if not isinstance(value, bool):
+            raise ConfigError("allow_other must be true or false")
+        return value
+    if key == "metrics_listen" and value:
+        parse_listen(str(value))  # checked now: a mount must not fail on it after forking
+    return str(value)
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, int | float | str)
+
+
+# What a value of the wrong type is told it should be.
+_EXPECTED = {
+    **dict.fromkeys(_INT_KEYS, "a whole number"),
+    **dict.fromkeys(_FLOAT_KEYS, "a number of seconds"),
+    **dict.fromkeys(_SIZE_KEYS, "a size (e.g. 50G, 512M, 4MiB)"),
+    "cache_dir": "a path",
+    "mountpoint": "a path",
+}
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """`HOST:PORT` (`[V6]:PORT` for IPv6) -> (host, port); ConfigError naming the key."""
+    host, sep, port = listen.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"[store] metrics_listen: {listen!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
 
 
 def _positive(key: str, value: float) -> Any:

@@ -42,6 +42,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from imgstore.asgi import Receive, Scope, Send, lifespan
+from imgstore.config import parse_listen
 from imgstore.errors import MountError
 
 log = logging.getLogger(__name__)
@@ -156,14 +157,6 @@ class _CacheCollector(Collector):
 # --- the listener ---
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
-    """`HOST:PORT` (`[V6]:PORT` for IPv6) -> (host, port); MountError naming the key."""
-    host, sep, port = listen.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise MountError(f"[store] metrics_listen: {listen!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
-
-
 class MetricsApp:
     """ASGI app: `GET /metrics` (and `/`) answers the metrics; everything else 404."""
 
@@ -199,7 +192,8 @@ def _config(listen: str) -> Config:
 
 
 async def bind(listen: str) -> Listener:
-    """Bind the metrics listener on `listen` ("HOST:PORT"); MountError naming the key if not.
+    """Bind the metrics listener on `listen` ("HOST:PORT", checked by the config); MountError
+    naming the key if it cannot.
 
     Done before mounting, so a taken port fails the mount with a clear message.
     """
