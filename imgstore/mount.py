@@ -171,22 +171,27 @@ def run_mount(cfg: StoreConfig, mountpoint: Path, foreground: bool) -> None:
         os.close(write_end)
         with os.fdopen(read_end, "rb") as pipe:
             ready = pipe.read(1)
+            why = pipe.read().decode(errors="replace") if ready == b"0" else ""
         if ready != b"1":
             os.waitpid(pid, 0)
-            raise MountError(f"mounting {mountpoint} failed (see the messages above)")
+            # The daemon's reason, as the one line the caller prints; without one it died
+            # before it could say (its traceback is above).
+            raise MountError(why or f"mounting {mountpoint} failed (see the messages above)")
         return
     os.close(read_end)
     os.setsid()
     os.chdir("/")  # do not keep the caller's directory busy
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
+    ready = Readiness(write_end)
     code = 0
     try:
         lock_fd = lock_cache_dir(cfg, mountpoint)
-        trio.run(_serve, cfg, mountpoint, write_end)
+        trio.run(_serve, cfg, mountpoint, ready)
         os.close(lock_fd)
     except MountError as exc:
-        print(f"imgstore: {exc}", file=sys.stderr)
+        if not ready.fail(str(exc)):
+            print(f"imgstore: {exc}", file=sys.stderr)  # after it was ready: to its log
         code = 1
     except BaseException:
         log.exception("the mount daemon crashed")
@@ -194,7 +199,30 @@ def run_mount(cfg: StoreConfig, mountpoint: Path, foreground: bool) -> None:
     os._exit(code)
 
 
-async def _serve(cfg: StoreConfig, mountpoint: Path, ready_fd: int | None) -> None:
+class Readiness:
+    """A daemon's word to the `imgstore mount` that forked it: b"1" (mounted), or b"0" and
+    why not. Said once; the parent stops listening after it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+
+    def ok(self) -> None:
+        self._say(b"1")
+
+    def fail(self, why: str) -> bool:
+        """Tell the parent why mounting failed; False if it was told already."""
+        return self._say(b"0" + why.encode())
+
+    def _say(self, word: bytes) -> bool:
+        if self.fd is None:
+            return False
+        os.write(self.fd, word)
+        os.close(self.fd)
+        self.fd = None
+        return True
+
+
+async def _serve(cfg: StoreConfig, mountpoint: Path, ready: Readiness | None) -> None:
     sys.setswitchinterval(GIL_SWITCH_S)
     listener = await metrics.bind(cfg.metrics_listen) if cfg.metrics_listen else None
     async with open_store(cfg) as store:
@@ -211,7 +239,7 @@ async def _serve(cfg: StoreConfig, mountpoint: Path, ready_fd: int | None) -> No
             with trio.CancelScope() as serving:
                 store.nursery.start_soon(_signals, serving)
                 log.info("mounted %s (cache %s)", mountpoint, cfg.cache_dir)
-                _announce(ready_fd, cfg.cache_dir / "imgstore.log")
+                _announce(ready, cfg.cache_dir / "imgstore.log")
                 await pyfuse3.main()
         finally:
             # Unmount before anything else: a live mount without a daemon is the
@@ -221,16 +249,15 @@ async def _serve(cfg: StoreConfig, mountpoint: Path, ready_fd: int | None) -> No
     log.info("unmounted %s", mountpoint)
 
 
-def _announce(ready_fd: int | None, log_path: Path) -> None:
-    if ready_fd is not None:
+def _announce(ready: Readiness | None, log_path: Path) -> None:
+    if ready is not None:
         # A daemon must not hold its caller's stdout/stderr open (a caller reading them would
         # wait for our exit): from now on it logs to cache_dir/imgstore.log.
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
         os.close(log_fd)
-        os.write(ready_fd, b"1")
-        os.close(ready_fd)
+        ready.ok()
     notify_systemd(b"READY=1")
 
 

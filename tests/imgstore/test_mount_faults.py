@@ -134,6 +134,16 @@ def test_mount_daemonizes_returns_when_usable_and_umount_stops_it(store, origin,
         second = run("mount", "--cache-dir", store.cache_dir, store.mountpoint, check=False)
         assert second.returncode == 1
         assert "already mounted" in second.stderr
+        # The same cache elsewhere: the daemon finds it locked, and its reason is the one line.
+        elsewhere = store.mountpoint.parent / "elsewhere"
+        elsewhere.mkdir()
+        third = run("mount", "--cache-dir", store.cache_dir, elsewhere, check=False)
+        assert third.returncode == 1
+        assert third.stderr == (
+            f"imgstore mount: cache {store.cache_dir} is already mounted "
+            f"(pid {pid} at {store.mountpoint})\n"
+        )
+        assert not os.path.ismount(elsewhere)
         run("umount", store.mountpoint)
         wait_for(lambda: not _alive(pid), what="the daemon to exit")
         assert not os.path.ismount(store.mountpoint)
