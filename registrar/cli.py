@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Answers ORCA RegisterImage calls: bundles, uploads and registers images.",
     )
     parser.add_argument("--config", metavar="FILE", help="TOML config file")
+    parser.add_argument(
+        "--debug", action="store_true", help="log debugging detail and show tracebacks"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     service_cli.add_subcommands(sub)
     _add_install_image(sub)
@@ -87,6 +90,13 @@ def _add_install_image(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         help="bundle a machine image as it is, even if it looks compressed",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log each step")
+    # SUPPRESS, as --config: `registrar --debug install-image` is not reset here.
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="log debugging detail and show tracebacks",
+    )
     p.add_argument("file", metavar="FILE", type=Path, help="the image file")
 
 
@@ -101,16 +111,22 @@ def main(argv: list[str] | None = None) -> int:
     return service_cli.run(args)
 
 
-def _error(message: str, code: int) -> int:
+def _error(message: str, code: int, debug: bool = False) -> int:
+    if debug:
+        log.exception("failed")
     print(f"registrar: error: {message}", file=sys.stderr)
     return code
 
 
 def _install_image(args: argparse.Namespace) -> int:
+    debug = getattr(args, "debug", False)
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
+        level=logging.DEBUG if debug else logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not debug:
+        for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.image_type != "machine" and (args.kernel or args.ramdisk):
         return _error(
             f"--kernel and --ramdisk apply to machine images, not {args.image_type}", EXIT_USAGE
@@ -141,10 +157,10 @@ def _install_image(args: argparse.Namespace) -> int:
             )
     except (ConfigError, InputError, DecompressError) as exc:
         if isinstance(exc, ImageChecksumMismatch):
-            return _error(str(exc), EXIT_FAILED)
-        return _error(str(exc), EXIT_USAGE)
+            return _error(str(exc), EXIT_FAILED, debug)
+        return _error(str(exc), EXIT_USAGE, debug)
     except RegistrarError as exc:
-        return _error(str(exc), EXIT_FAILED)
+        return _error(str(exc), EXIT_FAILED, debug)
     except KeyboardInterrupt:
         return _error("interrupted; what was uploaded has been removed", 130)
     print(installed.image_id)

@@ -34,7 +34,13 @@ from imgstore.errors import StoreError
 from registrar import config as registrar_config
 from registrar import server
 from registrar.access import Guard
-from registrar.errors import ConfigError, InputError, RegistrarError, RequestError
+from registrar.errors import (
+    ConfigError,
+    InputError,
+    RegistrarError,
+    RequestError,
+    SignatureMismatch,
+)
 from registrar.properties import answer_text
 from registrar.registry import Registry
 
@@ -112,6 +118,9 @@ def run(args: argparse.Namespace) -> int:
     handler: Callable[[argparse.Namespace], int] = args.service_command
     try:
         return handler(args)
+    except SignatureMismatch as exc:
+        _fail(args, exc, debug)
+        return EXIT_FAILED  # the bytes failed verification: not a usage mistake
     except (ConfigError, InputError, RequestError) as exc:
         _fail(args, exc, debug)
         return EXIT_USAGE
@@ -275,8 +284,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     if state_dir is None:
         path = _config_path(args)
         state_dir = registrar_config.load(path).registrar.state_dir if path else DEFAULT_STATE_DIR
+    if not state_dir.is_dir():
+        raise ConfigError(f"state directory {state_dir} does not exist")
     if not (state_dir / "registry.sqlite3").exists():
-        raise ConfigError(f"no registry in {state_dir}: nothing has been registered yet")
+        # Not an error: a registrar that has not served yet (and `list` must not create it).
+        print(f"nothing registered yet (no registry in {state_dir})")
+        return EXIT_OK
     registry = Registry(state_dir)
     try:
         _print_tables(registry)

@@ -101,6 +101,15 @@ def test_a_refused_registration_is_one_line_exit_1_and_leaves_nothing(
     assert result.stdout == ""
     assert cloud.bucket_keys() == [] and cloud.image_ids() == []
 
+    # --debug, as every registrar command takes it: the traceback, then the same last line.
+    result = install_image("--config", config, "--debug", image_factory.ext4(size_mib=8, seed=12))
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "registrar: error: RegisterImage: InvalidManifest: the manifest signature is invalid"
+    )
+    assert cloud.bucket_keys() == [] and cloud.image_ids() == []
+
 
 def test_usage_config_and_file_errors_exit_2(
     cloud: StandInCloud, tmp_path: Path, image_factory: ImageFactory

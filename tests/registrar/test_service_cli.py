@@ -4,6 +4,7 @@ of registrar/service_cli.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import shlex
 import signal
 import socket
@@ -74,10 +75,27 @@ def test_cli_errors_are_one_line_with_documented_exit_codes(
     assert last.startswith("registrar register: cannot fetch metadata at ")
     assert "Traceback" not in missing.stderr
 
+    # The metadata is there but is not what its SHA-1 says: verification failed, exit 1.
+    meta = origin.put("m.xml", b"<image/>")
+    wrong = _run("register", meta, "b" * 40, config=stack.config)
+    assert wrong.returncode == 1
+    assert wrong.stderr.strip().splitlines() == [
+        f"registrar register: signature {'b' * 40} does not match computed signature "
+        f"{hashlib.sha1(b'<image/>').hexdigest()} for metadata at {meta}"
+    ]
+
     no_config = _run("serve", config=tmp_path / "absent.toml")
     assert no_config.returncode == 2
     assert no_config.stderr.strip().splitlines()[-1].endswith("does not exist")
-    assert _run("list", "--state-dir", str(tmp_path / "empty")).returncode == 2
+    absent = _run("list", "--state-dir", str(tmp_path / "absent"))
+    assert absent.returncode == 2
+    expected = f"registrar list: state directory {tmp_path / 'absent'} does not exist\n"
+    assert absent.stderr == expected
+    (tmp_path / "fresh").mkdir()
+    fresh = _run("--debug", "list", "--state-dir", str(tmp_path / "fresh"))
+    assert (fresh.returncode, fresh.stderr) == (0, "")
+    assert fresh.stdout == f"nothing registered yet (no registry in {tmp_path / 'fresh'})\n"
+    assert list((tmp_path / "fresh").iterdir()) == []  # `list` created nothing
 
 
 def test_serve_tells_systemd_it_is_ready_and_stops_cleanly_on_sigterm(
