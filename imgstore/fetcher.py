@@ -67,6 +67,10 @@ def check_url(url: str) -> str:
         raise BadUrl(f"not an http(s) URL: {url!r}")
     if not parts.hostname:
         raise BadUrl(f"URL has no host: {url!r}")
+    if parts.username is not None or parts.password is not None:
+        # Not sent on ranged reads, and shown to every reader in `ls` and user.imgstore.url.
+        shown = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+        raise BadUrl(f"URL must not carry credentials (user:password@): {shown}")
     return url
 
 

@@ -40,6 +40,15 @@ def test_bad_input_is_one_line_and_nonzero(cache, args, message):
     assert "Traceback" not in res.stderr
 
 
+def test_a_url_with_credentials_is_refused_without_echoing_them(cache):
+    res = run("add", "--cache-dir", cache, "c" * 40, "http://ops:s3cret@127.0.0.1:9/x", check=False)
+    assert (res.returncode, res.stderr) == (
+        2,
+        "imgstore add: URL must not carry credentials (user:password@): http://***@127.0.0.1:9/x\n",
+    )
+    assert ls_json(cache) == {}
+
+
 def test_unreachable_url_is_an_error(cache):
     res = run("add", "--cache-dir", cache, "c" * 40, "http://127.0.0.1:9/x.img", check=False)
     assert res.returncode == 1
