@@ -135,17 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The mount daemon logs what it does (INFO). A one-shot command says how it went in its
+    # own lines, so it shows only warnings (a dead mirror beside a live one), and not the
+    # store's own errors, which its one error line repeats.
+    daemon = args.command == "mount"
     logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
+        level=logging.DEBUG if args.debug else logging.INFO if daemon else logging.WARNING,
         format="%(asctime)s imgstore[%(process)d] %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     if not args.debug:
         logging.getLogger("httpx").setLevel(logging.WARNING)
         logging.getLogger("httpcore").setLevel(logging.WARNING)
-        if args.command != "mount":
-            # A one-shot command says how it went in its own lines; the store's log lines
-            # (verified, failed verification, retries) belong in the daemon's log.
+        if not daemon:
             logging.getLogger("imgstore.store").setLevel(logging.CRITICAL)
     if args.command is None:
         parser.print_help()
