@@ -200,7 +200,7 @@ def _convert(key: str, value: Any) -> Any:
     if key in _SIZE_KEYS:
         return parse_size(value)
     if key in _INT_KEYS | _FLOAT_KEYS and (isinstance(value, bool) or not _scalar(value)):
-        raise TypeError(key)  # int(True) and float("1") would pass silently; a list would not
+        raise TypeError(key)  # `true` would pass as 1; a table or list fails obscurely
     if key in _INT_KEYS:
         return _positive(key, int(value))
     if key in _FLOAT_KEYS:
