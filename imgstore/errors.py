@@ -34,6 +34,12 @@ class OriginChanged(OriginError):
 class BlobCorrupt(StoreError):
     """Raised when a blob failed verification; it stays unreadable until re-added."""
 
+    @classmethod
+    def of(cls, sha1: str, reason: str | None = None) -> BlobCorrupt:
+        """The one wording; `reason` (the catalog's, e.g. "content has SHA-1 …") if known."""
+        detail = f" ({reason})" if reason else ""
+        return cls(f"blob {sha1} failed verification{detail}; re-add it")
+
 
 class CacheFull(StoreError):
     """Raised when a chunk cannot be stored without overrunning the cache budget or the disk."""

@@ -321,7 +321,7 @@ class Store:
         """
         blob = handle.blob
         if blob.state == "corrupt":
-            raise BlobCorrupt(f"blob {blob.sha1} failed verification; re-add it")
+            raise BlobCorrupt.of(blob.sha1)
         end = min(off + size, blob.size)
         if off >= end:
             return b""
@@ -351,7 +351,7 @@ class Store:
             handle.pending.remove((off, end))
         # Verification may have failed (and the bytes been dropped) while pread ran.
         if blob.state == "corrupt":
-            raise BlobCorrupt(f"blob {blob.sha1} failed verification; re-add it")
+            raise BlobCorrupt.of(blob.sha1)
         if len(data) != end - off:
             raise StoreError(f"blob {blob.sha1}: short read of the cache at {off}")
         handle.add(off, end)
@@ -431,7 +431,7 @@ class Store:
             # The verdict, or a chunk lost before it was durable (fetch it again, go on).
             await wake.wait()
         if blob.state == "corrupt":
-            raise BlobCorrupt(f"blob {blob.sha1} failed verification; re-add it")
+            raise BlobCorrupt.of(blob.sha1)
 
     async def _ensure(self, blob: Blob, idxs: list[int]) -> None:
         """Wait until chunks `idxs` are readable, starting the flights that are missing."""
@@ -440,7 +440,7 @@ class Store:
         for idx in idxs:
             while idx not in blob.readable:
                 if blob.state == "corrupt":
-                    raise BlobCorrupt(f"blob {blob.sha1} failed verification; re-add it")
+                    raise BlobCorrupt.of(blob.sha1)
                 event = blob.inflight.get(idx)
                 if event is None:
                     failure = blob.failures.pop(idx, None)
