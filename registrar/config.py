@@ -25,7 +25,8 @@ and bad values in our two sections are refused with a ConfigError naming the key
 - `s3_signature_version`: "s3v4" (default) or "s3" (SigV2, Eucalyptus before 4.4)
 - `s3_addressing_style`: "path" (default), "virtual" or "auto"
 - `ec2_signature_version`: "v4" (default) or "v2"
-- `register_timeout`: seconds to wait for an image to become available (default 900)
+- `register_timeout`: seconds to wait for an image to become available (default 1800, the
+  original ImageProxy's `imageproxy.registrationTimeout`)
 - `poll_interval`: seconds between DescribeImages polls (default 5)
 - `upload_concurrency`: parts uploaded in parallel (default 4)
 - `request_timeout`: seconds for one HTTP request to the cloud (default 120)
@@ -91,7 +92,7 @@ class CloudConfig:
     s3_signature_version: str = "s3v4"
     s3_addressing_style: str = "path"
     ec2_signature_version: str = "v4"
-    register_timeout: float = 900.0
+    register_timeout: float = 1800.0  # the original's imageproxy.registrationTimeout
     poll_interval: float = 5.0
     upload_concurrency: int = 4
     request_timeout: float = 120.0

@@ -10,9 +10,16 @@ The only module that knows SOAP faults. It speaks the contract of ORCA's WSDL
   both trimmed of surrounding whitespace.
 - Answer `ns:RegisterImageResponse/ns:return` (qualified), always present, holding the Properties
   text.
-- Errors: a Fault whose faultstring (1.2: Reason/Text) is the error's message and whose detail is
-  `{http://imageproxy.orca}Exception`. Errors the caller can fix are Client (1.2: Sender) faults;
-  everything else is Server (1.2: Receiver).
+- Errors: a Fault whose faultstring (1.2: Reason/Text) is the error's message, with no detail.
+  Errors the caller can fix are Client (1.2: Sender) faults; everything else is Server (1.2:
+  Receiver).
+
+Why no detail: the stub Axis2 1.1.1 generated for ORCA looks up the QName of the first element
+of a fault's detail; for `{http://imageproxy.orca}Exception` it builds its `ExceptionException`
+with the no-argument constructor, whose message is the fixed text "ExceptionException", and the
+faultstring is lost. Without that element the stub rethrows Axis2's `AxisFault`, whose message
+is the faultstring, so ORCA logs "ImageProxy unable to retrieve image:
+org.apache.axis2.AxisFault: <faultstring>".
 """
 
 from __future__ import annotations
@@ -282,19 +289,13 @@ def fault_reply(version: SoapVersion, exc: BaseException) -> Reply:
     if version is SoapVersion.SOAP11:
         etree.SubElement(fault, "faultcode").text = f"soapenv:{code}"
         etree.SubElement(fault, "faultstring").text = message
-        detail = etree.SubElement(fault, "detail")
     else:
         value = etree.SubElement(etree.SubElement(fault, f"{{{env}}}Code"), f"{{{env}}}Value")
         value.text = f"soapenv:{code}"
         reason = etree.SubElement(etree.SubElement(fault, f"{{{env}}}Reason"), f"{{{env}}}Text")
         reason.set("{http://www.w3.org/XML/1998/namespace}lang", "en")
         reason.text = message
-        detail = etree.SubElement(fault, f"{{{env}}}Detail")
-    # The detail element is the WSDL's fault element, left empty: its content model (an optional
-    # nested Exception of xs:anyType) is what the Axis2 stub deserializes by reflection, and an
-    # empty element is the one form every ADB version reads without error. The message travels in
-    # the faultstring, which is what ORCA reports.
-    etree.SubElement(detail, f"{{{ORCA_NS}}}Exception", nsmap={"ns": ORCA_NS})
+    # No detail: see the module docstring (ORCA's stub would replace the message by a fixed one).
     status = 400 if code == "Sender" else 500
     return Reply(status, _content_type(version, "urn:RegisterImageException"), _serialize(envelope))
 

@@ -11,6 +11,7 @@ SYSTEM_PACKAGES=(
     systemd                         # systemd-analyze verify of our units
     rclone httpdirfs                # competitors measured by benchmarks/bench_read.py
     openssl                         # the euca2ools pipeline measured by benchmarks/bench_bundle.py
+    openjdk-17-jdk-headless         # the ORCA client (Java) whose log lines the tests check
 )
 
 ensure_system_packages() {

@@ -433,6 +433,11 @@ class StandInCloud:
         with self._server.proxy._lock:
             self._server.proxy.refusals[action] = (status, code, message)
 
+    def stop_refusing(self) -> None:
+        """Let the EC2 endpoint answer every action again."""
+        with self._server.proxy._lock:
+            self._server.proxy.refusals.clear()
+
     def lose_answer(self, action: str) -> None:
         """Let moto do `action`, but answer the registrar 503, as if the reply was lost."""
         with self._server.proxy._lock:
