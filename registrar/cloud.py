@@ -137,6 +137,14 @@ class Cloud:
         """Upload one object with the `aws-exec-read` canned ACL."""
         _call(step, self.s3.put_object, Bucket=self.bucket, Key=key, Body=data, ACL=EXEC_READ_ACL)
 
+    def get_object(self, key: str, *, step: str) -> bytes:
+        """The bytes of one object of the bucket."""
+        response = _call(step, self.s3.get_object, Bucket=self.bucket, Key=key)
+        try:
+            return bytes(response["Body"].read())
+        except (botocore.exceptions.BotoCoreError, OSError) as exc:
+            _raise_cloud_error(step, exc)
+
     def list_keys(self, folder: str) -> list[str]:
         """Every object key under `folder/`."""
         keys: list[str] = []
@@ -294,6 +302,30 @@ class Cloud:
                 errors.append(exc)
         try:
             self.delete_keys(self.list_keys(folder))
+        except CloudError as exc:
+            errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def cleanup_manifest(self, key: str, name: str, image_id: str | None = None) -> None:
+        """Deregister `image_id` and every image named `name`, and delete the object `key`.
+
+        For an image registered from a manifest added to a folder other images share: the
+        folder's parts stay. Everything is attempted; the first failure is raised after.
+        """
+        errors: list[CloudError] = []
+        image_ids = [image_id] if image_id else []
+        try:
+            image_ids += [i for i in self.images_named(name) if i not in image_ids]
+        except CloudError as exc:
+            errors.append(exc)
+        for each in image_ids:
+            try:
+                self.deregister(each)
+            except CloudError as exc:
+                errors.append(exc)
+        try:
+            self.delete_keys([key])
         except CloudError as exc:
             errors.append(exc)
         if errors:

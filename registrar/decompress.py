@@ -1,8 +1,10 @@
 """ZFILESYSTEM images: detect the compression by magic bytes and stream the raw image out.
 
 Supported: gzip (ISA-L), bzip2, xz and legacy lzma, Unix `compress` (.Z, via the `ncompress`
-library), each either around the raw image or around a tar whose one member (normally named
-`filesystem`) is the image. A sparse tar member comes out with its holes restored as zeros,
+library), each either around the raw image or around a tar holding the image. In a tar, the
+image is the member named `filesystem` (or `./filesystem`) wherever it stands, as the original's
+`tar -OSxf IMAGE filesystem` chose it; a tar without one is used only if it holds exactly one
+regular file (with a warning). A sparse tar member comes out with its holes restored as zeros,
 and its size is the full sparse size.
 
 The bundler needs the raw size before the first byte (it goes into the tar header of the
@@ -26,6 +28,7 @@ import enum
 import io
 import logging
 import lzma
+import posixpath
 import queue
 import tarfile
 import threading
@@ -156,11 +159,11 @@ def open_image(raw: BinaryIO, found: Probe) -> BinaryIO:
         return _ImageStream(stream, found.format, found.size, closers=[stream])
     try:
         tar = tarfile.open(fileobj=stream, mode="r|", bufsize=1024 * 1024)
-        member = _first_file(tar)
+        member = next((m for m in tar if m.isfile() and m.name == found.tar_member), None)
     except (tarfile.TarError, *_CORRUPT) as exc:
         stream.close()
         raise DecompressError(f"{found.format.value} tar is corrupt: {exc}") from exc
-    if member is None or member.name != found.tar_member:
+    if member is None:
         stream.close()
         raise DecompressError(f"tar member {found.tar_member!r} vanished between two reads")
     data = tar.extractfile(member)
@@ -175,21 +178,41 @@ def _read_tar_header(stream: BinaryIO) -> tarfile.TarInfo | None:
     rest = io.BufferedReader(_Chain(head, stream))  # type: ignore[arg-type]
     try:
         tar = tarfile.open(fileobj=rest, mode="r|")
-        member = _first_file(tar)
+        return _image_member(tar)
     except (tarfile.TarError, *_CORRUPT) as exc:
         raise DecompressError(f"the tar inside the image is corrupt: {exc}") from exc
-    if member is None:
-        raise DecompressError("the tar inside the image holds no regular file")
-    if member.name != TAR_MEMBER:
-        log.info("tar member is named %r, not %r: using it anyway", member.name, TAR_MEMBER)
-    return member
 
 
-def _first_file(tar: tarfile.TarFile) -> tarfile.TarInfo | None:
+def _is_image_name(name: str) -> bool:
+    return posixpath.normpath(name) == TAR_MEMBER
+
+
+def _image_member(tar: tarfile.TarFile) -> tarfile.TarInfo:
+    """The member named `filesystem`, or the only regular file; DecompressError otherwise.
+
+    Reads on past other members (a README before the image is common), so a tar without a
+    `filesystem` member is read to its end before it is judged.
+    """
+    files: list[tarfile.TarInfo] = []
+    names: list[str] = []
     for member in tar:
+        names.append(member.name)
         if member.isfile():
-            return member
-    return None
+            if _is_image_name(member.name):
+                return member
+            files.append(member)
+    if len(files) == 1:
+        log.warning(
+            "the tar holds no member named %r; using its only file %r",
+            TAR_MEMBER,
+            files[0].name,
+        )
+        return files[0]
+    found = ", ".join(repr(n) for n in names[:20]) + (", …" if len(names) > 20 else "")
+    raise DecompressError(
+        f"the tar inside the image has no member named {TAR_MEMBER!r}"
+        + (f" and {len(files)} regular files; members found: {found}" if names else " (empty)")
+    )
 
 
 def _looks_like_tar(block: bytes) -> bool:

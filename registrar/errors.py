@@ -46,6 +46,11 @@ class SignatureMismatch(InputError):
     """Raised when downloaded bytes do not have the SHA-1 the caller or metadata promised."""
 
 
+class UnsupportedImage(InputError):
+    """Raised when the metadata lists only images this site's cloud cannot register (a QCOW2
+    alone, on Eucalyptus)."""
+
+
 class FetchError(RegistrarError):
     """Raised when a blob cannot be fetched through imgstore (origin down, cache full, …)."""
 

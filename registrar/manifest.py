@@ -222,12 +222,52 @@ def build_manifest(
         _text(part_el, "filename", part.filename)
         _text(part_el, "digest", part.sha1, algorithm="SHA1")
 
-    if keys.user_key is not None:
-        signed = etree.tostring(config, with_tail=False) + etree.tostring(image, with_tail=False)
-        signature = keys.user_key.sign(signed, padding.PKCS1v15(), hashes.SHA1()).hex()
-    else:
-        signature = "UNSIGNED"
-    _text(root, "signature", signature)
+    _text(root, "signature", _sign(config, image, keys))
+    return etree.tostring(root, xml_declaration=True, encoding="UTF-8")
+
+
+def _sign(config: etree._Element, image: etree._Element, keys: BundleKeys) -> str:
+    """The manifest signature over the exact bytes of machine_configuration then image."""
+    if keys.user_key is None:
+        return "UNSIGNED"
+    signed = etree.tostring(config, with_tail=False) + etree.tostring(image, with_tail=False)
+    return keys.user_key.sign(signed, padding.PKCS1v15(), hashes.SHA1()).hex()
+
+
+def rebind_manifest(
+    xml: bytes,
+    *,
+    name: str,
+    keys: BundleKeys,
+    kernel_id: str | None = None,
+    ramdisk_id: str | None = None,
+) -> bytes:
+    """A copy of a machine image's manifest naming another kernel and ramdisk, re-signed.
+
+    The parts, their digests and the encrypted key stay as they are, so the new manifest goes
+    beside the old one and registers the same uploaded parts: a new kernel/ramdisk combination
+    costs a manifest, not a bundle. Raises ValueError if `xml` is not such a manifest.
+    """
+    root = etree.fromstring(xml, etree.XMLParser(resolve_entities=False, no_network=True))
+    config = root.find("machine_configuration")
+    image = root.find("image")
+    signature = root.find("signature")
+    if root.tag != "manifest" or config is None or image is None or signature is None:
+        raise ValueError("not a bundle manifest")
+    if image.findtext("type") != "machine":
+        raise ValueError("not a machine image manifest")
+    for tag in ("kernel_id", "ramdisk_id"):
+        for old in config.findall(tag):
+            config.remove(old)
+    if kernel_id:
+        _text(config, "kernel_id", kernel_id)
+    if ramdisk_id:
+        _text(config, "ramdisk_id", ramdisk_id)
+    image_name = image.find("name")
+    if image_name is None:
+        raise ValueError("manifest has no image name")
+    image_name.text = name
+    signature.text = _sign(config, image, keys)
     return etree.tostring(root, xml_declaration=True, encoding="UTF-8")
 
 

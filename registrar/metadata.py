@@ -8,10 +8,12 @@ The format and rules are the original ImageProxy's. Names are case-sensitive:
     </images>
 
 - Types are FILESYSTEM, ZFILESYSTEM (compressed; its signature is the compressed file's SHA-1),
-  KERNEL and RAMDISK. Unknown types (QCOW2 among them: it cannot be bundled for Eucalyptus) are
-  ignored with a log line.
-- A filesystem is required; FILESYSTEM wins over ZFILESYSTEM; a later entry of a type replaces an
-  earlier one.
+  KERNEL, RAMDISK and QCOW2 (added by the original for OpenStack). Unknown types are ignored with
+  a log line.
+- A filesystem (FILESYSTEM or ZFILESYSTEM) or a QCOW2 is required; FILESYSTEM wins over
+  ZFILESYSTEM; a later entry of a type replaces an earlier one.
+- An entry whose type, url or signature is missing or empty is skipped with a log line, as the
+  original did; a value that is present but malformed is an error.
 - URLs and signatures are trimmed of surrounding whitespace (a known pain of the original);
   signatures are lowercased and must be 40 hex digits; URLs must be plain http(s) without
   credentials.
@@ -38,7 +40,8 @@ FILESYSTEM = "FILESYSTEM"
 ZFILESYSTEM = "ZFILESYSTEM"
 KERNEL = "KERNEL"
 RAMDISK = "RAMDISK"
-KNOWN_TYPES = (FILESYSTEM, ZFILESYSTEM, KERNEL, RAMDISK)
+QCOW2 = "QCOW2"
+KNOWN_TYPES = (FILESYSTEM, ZFILESYSTEM, KERNEL, RAMDISK, QCOW2)
 
 _SHA1 = re.compile(r"[0-9a-f]{40}")
 _BAD_URL_CHARS = re.compile(r"[\x00-\x20\x7f]")
@@ -60,15 +63,17 @@ class Part:
 
 @dataclass(frozen=True)
 class ImageSet:
-    """What to register: a filesystem, and optionally a kernel and a ramdisk."""
+    """What to register: a filesystem and/or a QCOW2, and optionally a kernel and a ramdisk."""
 
-    filesystem: Part
+    filesystem: Part | None
     kernel: Part | None = None
     ramdisk: Part | None = None
+    qcow2: Part | None = None
 
     def parts(self) -> list[Part]:
         """Kernel and ramdisk first (the machine image refers to them), then the filesystem."""
-        return [p for p in (self.kernel, self.ramdisk) if p is not None] + [self.filesystem]
+        order = (self.kernel, self.ramdisk, self.filesystem, self.qcow2)
+        return [p for p in order if p is not None]
 
 
 def _shown(value: str, limit: int = 80) -> str:
@@ -110,10 +115,13 @@ def check_url(value: str, what: str = "URL") -> str:
 
 
 def _field(entry: object, name: str, index: int, source: str) -> str:
+    """The trimmed text of `<name>`, "" when it is missing or empty; an error if not text."""
     element = entry.find(name)  # type: ignore[attr-defined]
-    if element is None or len(element):
+    if element is None:
+        return ""
+    if len(element):
         raise MetadataError(f"image entry {index} in metadata at {source} has no <{name}> text")
-    return element.text or ""
+    return (element.text or "").strip()
 
 
 def parse(data: bytes, source: str) -> ImageSet:
@@ -132,7 +140,19 @@ def parse(data: bytes, source: str) -> ImageSet:
                 f"metadata at {source} lists more than {MAX_IMAGES} images; it is not a usable "
                 "image description"
             )
-        kind = _field(entry, "type", index, source).strip()
+        fields = {name: _field(entry, name, index, source) for name in ("type", "url", "signature")}
+        empty = [name for name, value in fields.items() if not value]
+        if empty:
+            # The original skipped such entries; publishers rely on it to leave a slot blank.
+            log.warning(
+                "metadata at %s: skipping image entry %d, whose %s %s empty",
+                source,
+                index,
+                " and ".join(f"<{name}>" for name in empty),
+                "is" if len(empty) == 1 else "are",
+            )
+            continue
+        kind = fields["type"]
         if kind not in KNOWN_TYPES:
             log.info(
                 "metadata at %s: ignoring image entry %d of unknown type %r",
@@ -142,17 +162,17 @@ def parse(data: bytes, source: str) -> ImageSet:
             )
             continue
         what = f"{kind} image in metadata at {source}:"
-        url = check_url(_field(entry, "url", index, source), f"{what} URL")
-        sha1 = check_signature(_field(entry, "signature", index, source), f"{what} signature")
+        url = check_url(fields["url"], f"{what} URL")
+        sha1 = check_signature(fields["signature"], f"{what} signature")
         if kind in chosen:
             log.info("metadata at %s: a later %s entry replaces an earlier one", source, kind)
         chosen[kind] = Part(kind, url, sha1)
     filesystem = chosen.get(FILESYSTEM) or chosen.get(ZFILESYSTEM)
-    if filesystem is None:
+    if filesystem is None and QCOW2 not in chosen:
         raise MetadataError(
-            f"metadata at {source} lists no FILESYSTEM or ZFILESYSTEM image; a filesystem is "
-            "required"
+            f"metadata at {source} lists no FILESYSTEM, ZFILESYSTEM or QCOW2 image; a "
+            "filesystem or a QCOW2 is required"
         )
     if FILESYSTEM in chosen and ZFILESYSTEM in chosen:
         log.info("metadata at %s: FILESYSTEM preferred over ZFILESYSTEM", source)
-    return ImageSet(filesystem, chosen.get(KERNEL), chosen.get(RAMDISK))
+    return ImageSet(filesystem, chosen.get(KERNEL), chosen.get(RAMDISK), chosen.get(QCOW2))

@@ -41,10 +41,19 @@ def dumps(pairs: Iterable[tuple[str, str]]) -> str:
     return "".join(f"{_escape(k, is_key=True)}={_escape(v, is_key=False)}\n" for k, v in pairs)
 
 
-def answer_text(filesystem: str, kernel: str | None = None, ramdisk: str | None = None) -> str:
-    """The RegisterImage answer: the three ids, a missing kernel or ramdisk as an empty value.
+def answer_text(
+    filesystem: str,
+    kernel: str | None = None,
+    ramdisk: str | None = None,
+    qcow2: str | None = None,
+) -> str:
+    """The RegisterImage answer: the three ids, a missing one as an empty value, and `QCOW2`.
 
     An empty value loads as "" in Java, which is what ORCA turns a missing id into anyway, so the
-    text is explicit about there being no kernel rather than leaving the key out.
+    text is explicit about there being no kernel rather than leaving the key out. `QCOW2` appears
+    only when a QCOW2 image was registered: ORCA 5 prefers it on OpenStack when it is there.
     """
-    return dumps([("FILESYSTEM", filesystem), ("KERNEL", kernel or ""), ("RAMDISK", ramdisk or "")])
+    pairs = [("FILESYSTEM", filesystem), ("KERNEL", kernel or ""), ("RAMDISK", ramdisk or "")]
+    if qcow2:
+        pairs.append(("QCOW2", qcow2))
+    return dumps(pairs)

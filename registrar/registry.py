@@ -1,6 +1,6 @@
 """The registry: what is registered and what is in flight, in SQLite under `state_dir`.
 
-Three tables:
+Four tables:
 
 - `answers`: metadata SHA-1 → the ids answered for it (and the URL it came from), so a repeated
   request is answered without fetching or bundling.
@@ -14,6 +14,15 @@ Three tables:
   registered. A row whose owner is gone is a half-done registration: the service deletes what it
   names in the cloud and takes the key over. The row and the finished image are swapped in one
   transaction, so a key is always either in flight, registered, or free.
+- `imported`: part SHA-1 → image id, taken over from the original ImageProxy's `imageproxy.db`
+  by `registrar import-registry`. The original keyed its images by the part's SHA-1 alone (its
+  machine images had no kernel or ramdisk; ORCA passes those at launch), so one imported
+  machine image serves every kernel/ramdisk combination.
+
+A machine image's bundle is uploaded once: a second kernel/ramdisk combination for the same
+filesystem adds only a manifest beside the first one's parts. Such an image's `manifest` column
+names that manifest; its bundle folder is shared, so deleting it must leave the folder to the
+other images that use it. A job that makes such an image records the manifest key too.
 
 Concurrency: WAL mode and a busy timeout make the database safe for the server and a concurrent
 `registrar register`; one connection per Registry, serialized by a lock, serves its threads.
@@ -45,7 +54,8 @@ CREATE TABLE IF NOT EXISTS answers (
     filesystem TEXT NOT NULL,
     kernel TEXT NOT NULL,
     ramdisk TEXT NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    qcow2 TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS images (
     key TEXT PRIMARY KEY,
@@ -54,7 +64,8 @@ CREATE TABLE IF NOT EXISTS images (
     image_id TEXT NOT NULL,
     bucket TEXT NOT NULL,
     prefix TEXT NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    manifest TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS jobs (
     key TEXT PRIMARY KEY,
@@ -64,9 +75,22 @@ CREATE TABLE IF NOT EXISTS jobs (
     bucket TEXT,
     prefix TEXT,
     image_id TEXT,
-    started REAL NOT NULL
+    started REAL NOT NULL,
+    manifest TEXT
+);
+CREATE TABLE IF NOT EXISTS imported (
+    sha1 TEXT PRIMARY KEY,
+    image_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    imported REAL NOT NULL
 );
 """
+# Columns added after the first release: (table, column, declaration) for ALTER TABLE.
+_ADDED_COLUMNS = (
+    ("answers", "qcow2", "TEXT NOT NULL DEFAULT ''"),
+    ("images", "manifest", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "manifest", "TEXT"),
+)
 
 
 @dataclass(frozen=True)
@@ -79,9 +103,10 @@ class Answer:
     kernel: str
     ramdisk: str
     updated: float = 0.0
+    qcow2: str = ""
 
     def ids(self) -> list[str]:
-        return [i for i in (self.filesystem, self.kernel, self.ramdisk) if i]
+        return [i for i in (self.filesystem, self.kernel, self.ramdisk, self.qcow2) if i]
 
 
 @dataclass(frozen=True)
@@ -95,6 +120,17 @@ class Image:
     bucket: str
     prefix: str
     created: float = 0.0
+    manifest: str = ""  # set when the bundle folder is shared with other machine images
+
+
+@dataclass(frozen=True)
+class Imported:
+    """An image the original ImageProxy registered for a part's SHA-1."""
+
+    sha1: str
+    image_id: str
+    kind: str
+    imported: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -109,6 +145,7 @@ class Job:
     prefix: str | None
     image_id: str | None
     started: float
+    manifest: str | None = None  # a manifest added to a shared folder: all the job uploads
 
     def owner_alive(self) -> bool:
         """Whether the process that claimed this job still runs (same pid, same start time)."""
@@ -164,6 +201,10 @@ class Registry:
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = NORMAL")
             self._db.executescript(_SCHEMA)
+            for table, column, declaration in _ADDED_COLUMNS:
+                have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
         for suffix in ("-wal", "-shm"):
             side = self.path.with_name(self.path.name + suffix)
             if side.exists():
@@ -199,7 +240,8 @@ class Registry:
     def save_answer(self, answer: Answer) -> None:
         with self._transaction() as db:
             db.execute(
-                "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO answers (metadata_sha1, url, filesystem, kernel, ramdisk,"
+                " updated, qcow2) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     answer.metadata_sha1,
                     answer.url,
@@ -207,6 +249,7 @@ class Registry:
                     answer.kernel,
                     answer.ramdisk,
                     time.time(),
+                    answer.qcow2,
                 ),
             )
 
@@ -231,11 +274,55 @@ class Registry:
             if row is not None:
                 image_id = row["image_id"]
                 db.execute(
-                    "DELETE FROM answers WHERE ? IN (filesystem, kernel, ramdisk)", (image_id,)
+                    "DELETE FROM answers WHERE ? IN (filesystem, kernel, ramdisk, qcow2)",
+                    (image_id,),
                 )
 
     def images(self) -> list[Image]:
         return [Image(**dict(r)) for r in self._query("SELECT * FROM images ORDER BY created")]
+
+    def machine_images(self, sha1: str) -> list[Image]:
+        """Registered machine images of this filesystem SHA-1 (any kernel/ramdisk), oldest first."""
+        rows = self._query(
+            "SELECT * FROM images WHERE kind = 'machine' AND sha1 = ? ORDER BY created", (sha1,)
+        )
+        return [Image(**dict(r)) for r in rows]
+
+    def folder_users(self, bucket: str, prefix: str) -> list[Image]:
+        """Registered images whose bundle lives in this folder."""
+        rows = self._query("SELECT * FROM images WHERE bucket = ? AND prefix = ?", (bucket, prefix))
+        return [Image(**dict(r)) for r in rows]
+
+    def folder_in_use(self, bucket: str, prefix: str) -> bool:
+        """Whether a job in flight is adding a manifest to this folder."""
+        rows = self._query(
+            "SELECT 1 FROM jobs WHERE bucket = ? AND prefix = ? AND manifest IS NOT NULL",
+            (bucket, prefix),
+        )
+        return bool(rows)
+
+    # --- imported from the original ---
+
+    def imported(self, sha1: str) -> Imported | None:
+        rows = self._query("SELECT * FROM imported WHERE sha1 = ?", (sha1,))
+        return Imported(**dict(rows[0])) if rows else None
+
+    def all_imported(self) -> list[Imported]:
+        return [Imported(**dict(r)) for r in self._query("SELECT * FROM imported")]
+
+    def add_imported(self, entries: list[Imported]) -> int:
+        """Record imported images not already known; return how many were new."""
+        with self._transaction() as db:
+            before = db.total_changes
+            db.executemany(
+                "INSERT OR IGNORE INTO imported VALUES (?, ?, ?, ?)",
+                [(e.sha1, e.image_id, e.kind, time.time()) for e in entries],
+            )
+            return db.total_changes - before
+
+    def forget_imported(self, sha1: str) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM imported WHERE sha1 = ?", (sha1,))
 
     # --- jobs ---
 
@@ -283,11 +370,17 @@ class Registry:
     def jobs(self) -> list[Job]:
         return [Job(**dict(r)) for r in self._query("SELECT * FROM jobs ORDER BY started")]
 
-    def record_bundle(self, key: str, bucket: str, prefix: str) -> None:
-        """Note where the job's bundle goes: called before its first object is uploaded."""
+    def record_bundle(
+        self, key: str, bucket: str, prefix: str, manifest: str | None = None
+    ) -> None:
+        """Note where the job's bundle goes: called before its first object is uploaded.
+
+        `manifest`: the job only adds this manifest to a folder other images share.
+        """
         with self._transaction() as db:
             db.execute(
-                "UPDATE jobs SET bucket = ?, prefix = ? WHERE key = ?", (bucket, prefix, key)
+                "UPDATE jobs SET bucket = ?, prefix = ?, manifest = ? WHERE key = ?",
+                (bucket, prefix, manifest, key),
             )
 
     def record_image_id(self, key: str, image_id: str) -> None:
@@ -300,7 +393,8 @@ class Registry:
         with self._transaction() as db:
             db.execute("DELETE FROM jobs WHERE key = ?", (key,))
             db.execute(
-                "INSERT OR REPLACE INTO images VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO images (key, kind, sha1, image_id, bucket, prefix,"
+                " created, manifest) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     image.key,
                     image.kind,
@@ -309,6 +403,7 @@ class Registry:
                     image.bucket,
                     image.prefix,
                     time.time(),
+                    image.manifest,
                 ),
             )
 

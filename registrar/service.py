@@ -11,12 +11,17 @@ The steps of one call:
 2. If the registry has an answer for the metadata SHA-1 and one DescribeImages shows its ids
    still exist, answer it: nothing is fetched, bundled or uploaded.
 3. Add the metadata to imgstore by its signature (URLs from SOAP are untrusted) and read it from
-   the mount — a complete read succeeds only on verified bytes — then parse it.
+   the mount — a complete read succeeds only on verified bytes — then parse it. A QCOW2 cannot
+   be bundled for Eucalyptus: beside a filesystem it is skipped with a log line; alone it is an
+   UnsupportedImage error.
 4. For the kernel and the ramdisk (in parallel), then the machine image (which names their
    ids): if the registry has the part's image and the cloud still has it, reuse it; otherwise
    claim the part's key, add the part to imgstore (part URLs are never trusted), pin it, stream
    it from the mount through the bundler into the upload (at most `max_bundles` at once),
-   register it, wait until it is available, and record it.
+   register it, wait until it is available, and record it. A part the original ImageProxy
+   registered (`registrar import-registry`) is answered with its id if the cloud still has it.
+   A machine image whose filesystem is already bundled for another kernel/ramdisk combination
+   costs only a new manifest beside the existing parts, and a registration.
 5. Save and return the answer.
 
 Single flight. Within this process, one thread does the work for a metadata SHA-1 and one for
@@ -30,10 +35,9 @@ is dropped; if that cleanup itself fails the job is marked abandoned, so the nex
 `recover()` at the next start) cleans it up again. A registrar killed mid-job leaves a job whose
 owner is dead; `recover()` and any later claim of that key clean it up the same way.
 
-Known gap: a registrar killed in the instant between the cloud accepting RegisterImage and the
-registry recording the returned id leaves that image registered (its bundle is still deleted, so
-it cannot launch). Closing it needs a DescribeImages by name in cloud.py: the job records the
-name (its bundle folder) before registering.
+A registrar killed between the cloud accepting RegisterImage and the registry recording the id
+leaves an image whose id nobody saved: the job recorded its name first, so the cleanup finds it
+by name (DescribeImages) and deregisters it.
 
 Lock order: a metadata flight may wait on part flights, never the other way round; no lock is
 held while waiting on a flight or on the cloud.
@@ -54,6 +58,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
+from lxml import etree
+
 from imgstore import client as imgstore
 from imgstore.errors import BadUrl, OriginError, StoreError
 from registrar import names
@@ -70,8 +76,9 @@ from registrar.errors import (
     RegistrationFailed,
     RequestTooLarge,
     SignatureMismatch,
+    UnsupportedImage,
 )
-from registrar.manifest import BundleKeys
+from registrar.manifest import BundleKeys, manifest_filename, rebind_manifest
 from registrar.metadata import (
     MAX_METADATA_BYTES,
     ImageSet,
@@ -256,7 +263,7 @@ class Service:
     def answer_text(self, url: str, signature: str) -> str:
         """RegisterImage for the SOAP server: the answer as Properties text."""
         answer = self.register(url, signature)
-        return answer_text(answer.filesystem, answer.kernel, answer.ramdisk)
+        return answer_text(answer.filesystem, answer.kernel, answer.ramdisk, answer.qcow2)
 
     def register(
         self,
@@ -287,13 +294,14 @@ class Service:
                 return known
             log.warning("metadata %s: a registered image is gone from the cloud; redoing", sha1)
         images = self._read_metadata(url, sha1, trusted)
+        filesystem = self._supported(images, url)
         # Kernel and ramdisk in parallel (each waits for "available"), then the machine image,
         # which names both. Both run to the end even if one fails: a registered part is kept.
         kernel_id, ramdisk_id = _in_parallel(
             lambda: self._part(images.kernel, "kernel", "", "", progress),
             lambda: self._part(images.ramdisk, "ramdisk", "", "", progress),
         )
-        machine_id = self._part(images.filesystem, "machine", kernel_id, ramdisk_id, progress)
+        machine_id = self._part(filesystem, "machine", kernel_id, ramdisk_id, progress)
         answer = Answer(sha1, url, machine_id, kernel_id, ramdisk_id)
         self.registry.save_answer(answer)
         log.info(
@@ -304,6 +312,23 @@ class Service:
             ramdisk_id,
         )
         return answer
+
+    def _supported(self, images: ImageSet, url: str) -> Part:
+        """The filesystem to register; a QCOW2 cannot be bundled for Eucalyptus."""
+        if images.filesystem is None:
+            raise UnsupportedImage(
+                f"metadata at {url} lists only a QCOW2 image; QCOW2 images need an OpenStack "
+                "cloud, and this site registers images with Eucalyptus"
+            )
+        if images.qcow2 is not None:
+            log.warning(
+                "metadata at %s: QCOW2 image %s skipped: Eucalyptus cannot register QCOW2 "
+                "images; registering the %s image",
+                url,
+                images.qcow2.url,
+                images.filesystem.type,
+            )
+        return images.filesystem
 
     def _alive(self, image_ids: list[str]) -> bool:
         """One DescribeImages: do all these images still exist (and have not failed)?"""
@@ -410,6 +435,10 @@ class Service:
         if part is None:
             return ""
         key = image_key(kind, part.sha1, kernel_id, ramdisk_id)
+        if self.registry.image(key) is None:
+            original = self._imported(part, key)
+            if original:
+                return original
         return self._flights.run(
             key, lambda: self._part_once(key, part, kind, kernel_id, ramdisk_id, progress)
         )
@@ -437,6 +466,27 @@ class Service:
             if job is not None and job.owner == owner and job.owner_alive():
                 self.registry.release(key, owner)
             raise
+
+    def _imported(self, part: Part, key: str) -> str:
+        """The id the original ImageProxy registered for this part, if the cloud still has it.
+
+        The original's machine images name no kernel or ramdisk (ORCA passes them at launch),
+        so one serves every combination, as it did there.
+        """
+        original = self.registry.imported(part.sha1)
+        if original is None:
+            return ""
+        if not self._alive([original.image_id]):
+            log.warning(
+                "%s: %s, imported from the original, is gone from the cloud; registering anew",
+                key,
+                original.image_id,
+            )
+            self.registry.forget_imported(part.sha1)
+            return ""
+        log.info("%s: answered with %s, registered by the original", key, original.image_id)
+        self.metrics.image_reused()
+        return original.image_id
 
     def _claim(self, key: str) -> str | None:
         """Claim `key` for a new owner and return it; None if the image is already registered."""
@@ -482,6 +532,12 @@ class Service:
         owner: str,
         progress: Progress | None,
     ) -> str:
+        if kind == "machine":
+            shared = self._shared_bundle(part.sha1)
+            if shared is not None:
+                image_id = self._rebind(key, part, shared, kernel_id, ramdisk_id, owner)
+                if image_id:
+                    return image_id
         what = f"{part.type} image"
         # Part URLs come from the metadata file, written by a remote user: never trusted.
         blob = self._add(part.sha1, part.url, what, trusted=False)
@@ -523,6 +579,94 @@ class Service:
             return image_id
         finally:
             imgstore.unpin(self.settings.cache_dir, part.sha1, owner)
+
+    # --- a filesystem bundled once, for every kernel/ramdisk combination ---
+
+    def _shared_bundle(self, sha1: str) -> Image | None:
+        """A registered machine image of this filesystem whose bundle is in our bucket."""
+        for image in self.registry.machine_images(sha1):
+            if image.bucket == self.cloud.bucket and image.prefix:
+                return image
+        return None
+
+    def _rebind(
+        self,
+        key: str,
+        part: Part,
+        shared: Image,
+        kernel_id: str,
+        ramdisk_id: str,
+        owner: str,
+    ) -> str:
+        """Register `part` from `shared`'s uploaded parts with a new manifest; "" if unusable.
+
+        The new manifest names the new kernel and ramdisk and goes beside the parts, which
+        Eucalyptus finds next to the manifest. A failure removes only that manifest and image.
+        """
+        folder = shared.prefix
+        source = shared.manifest or f"{folder}/{manifest_filename(folder)}"
+        try:
+            xml = self.cloud.get_object(source, step="manifest download")
+            present = set(self.cloud.list_keys(folder))
+        except CloudError as exc:
+            log.warning("%s: cannot reuse the bundle in %s (%s); bundling anew", key, folder, exc)
+            return ""
+        name = names.unique_name(_label(part.url, "machine"), part.sha1)
+        try:
+            manifest = rebind_manifest(
+                xml, name=name, keys=self.keys, kernel_id=kernel_id, ramdisk_id=ramdisk_id
+            )
+        except (ValueError, etree.XMLSyntaxError) as exc:
+            log.warning("%s: %s is not a usable manifest (%s); bundling anew", key, source, exc)
+            return ""
+        if not all(f"{folder}/{p}" in present for p in _part_files(manifest)):
+            log.warning("%s: parts of the bundle in %s are missing; bundling anew", key, folder)
+            return ""
+        manifest_key = f"{folder}/{manifest_filename(name)}"
+        self.registry.record_bundle(key, self.cloud.bucket, folder, manifest_key)
+        image_id: str | None = None
+        try:
+            self.cloud.put_object(manifest_key, manifest, step="manifest upload")
+            image_id = self.cloud.register(
+                f"{self.cloud.bucket}/{manifest_key}",
+                name=name,
+                arch=self.settings.arch,
+                kernel_id=kernel_id or None,
+                ramdisk_id=ramdisk_id or None,
+            )
+            self.registry.record_image_id(key, image_id)
+            self.cloud.wait_available(image_id)
+        except BaseException as exc:
+            self._undo_manifest(key, owner, manifest_key, name, image_id)
+            if isinstance(exc, CloudError):
+                raise RegistrationFailed(
+                    f"registering the {part.type} image from {part.url} failed: {exc}"
+                ) from exc
+            raise
+        self.registry.finish(
+            key,
+            Image(
+                key, "machine", part.sha1, image_id, self.cloud.bucket, folder, 0.0, manifest_key
+            ),
+        )
+        self.metrics.image_registered("machine")
+        log.info(
+            "%s: registered %s as %s, reusing the bundle in %s", key, part.url, image_id, folder
+        )
+        return image_id
+
+    def _undo_manifest(
+        self, key: str, owner: str, manifest_key: str, name: str, image_id: str | None
+    ) -> None:
+        try:
+            self.cloud.cleanup_manifest(manifest_key, name, image_id)
+        except CloudError as exc:
+            log.error("%s: cleanup of %s failed (%s); will retry at the next claim", key, name, exc)
+            self.registry.abandon(key, owner)
+            return
+        log.info(
+            "%s: removed manifest %s%s", key, manifest_key, f" and {image_id}" if image_id else ""
+        )
 
     def _bundle(
         self,
@@ -593,7 +737,11 @@ class Service:
 
     def _clean_job(self, job: Job) -> None:
         """Delete what an abandoned job may have put in the cloud, and drop its pins."""
-        if job.prefix and job.bucket == self.cloud.bucket:
+        if job.manifest and job.bucket == self.cloud.bucket:
+            # It only added a manifest to a folder other images share: remove just that.
+            name = job.manifest.rsplit("/", 1)[-1].removesuffix(".manifest.xml")
+            self.cloud.cleanup_manifest(job.manifest, name, job.image_id)
+        elif job.prefix and job.bucket == self.cloud.bucket:
             # No saved id: the registrar may have died after the cloud registered the image.
             self.cloud.cleanup(job.prefix, job.image_id, by_name=job.image_id is None)
         elif job.image_id:
@@ -605,9 +753,21 @@ class Service:
         imgstore.unpin_owner_prefix(self.settings.cache_dir, owner_process(job.owner))
 
     def _discard(self, image: Image) -> None:
-        """Forget an image the cloud no longer has, deleting its leftover bundle."""
-        if image.bucket == self.cloud.bucket:
-            self.cloud.cleanup(image.prefix)
+        """Forget an image the cloud no longer has, deleting its leftover bundle.
+
+        A folder that other images still use keeps its parts; only this image's own added
+        manifest goes.
+        """
+        if image.bucket == self.cloud.bucket and image.prefix:
+            others = [
+                i
+                for i in self.registry.folder_users(image.bucket, image.prefix)
+                if i.key != image.key
+            ]
+            if not others and not self.registry.folder_in_use(image.bucket, image.prefix):
+                self.cloud.cleanup(image.prefix)
+            elif image.manifest:
+                self.cloud.delete_keys([image.manifest])
         self.registry.forget_image(image.key)
 
     def recover(self) -> int:
@@ -636,6 +796,12 @@ class Service:
             dropped = imgstore.unpin_owner_prefix(self.settings.cache_dir, prefix)
             log.info("dropped %d pins of dead registrar %s", dropped, prefix)
         return cleaned
+
+
+def _part_files(manifest: bytes) -> list[str]:
+    """The part file names a manifest lists."""
+    root = etree.fromstring(manifest, etree.XMLParser(resolve_entities=False, no_network=True))
+    return [p.findtext("filename") or "" for p in root.iterfind("image/parts/part")]
 
 
 def _in_parallel(*calls: Callable[[], T]) -> list[T]:

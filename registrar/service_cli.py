@@ -52,7 +52,7 @@ NO_CONFIG = f"no config file: give --config FILE, set $IMAGEPROXY_CONFIG or writ
 
 
 def add_subcommands(subparsers: Any) -> None:
-    """Add `serve`, `register` and `list` to the `registrar` parser's subparsers."""
+    """Add `serve`, `register`, `list` and `import-registry` to the `registrar` parser."""
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: a --config given before the subcommand is not reset by the subparser's default.
     common.add_argument(
@@ -103,6 +103,18 @@ def add_subcommands(subparsers: Any) -> None:
         help="registry directory (default: [registrar] state_dir)",
     )
     p.set_defaults(service_command=cmd_list)
+
+    p = subparsers.add_parser(
+        "import-registry",
+        parents=[common],
+        help="take over the images the original ImageProxy registered",
+        description="Read the original ImageProxy's registry (imageproxy.db, table IMAGE) and "
+        "record every image id the cloud still has, so RegisterImage answers with it instead "
+        "of registering the part again. Unfinished registrations and ids the cloud no longer "
+        "has are skipped. Running it twice changes nothing.",
+    )
+    p.add_argument("path", metavar="PATH", type=Path, help="the original's imageproxy.db")
+    p.set_defaults(service_command=cmd_import_registry)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -238,7 +250,7 @@ def cmd_register(args: argparse.Namespace) -> int:
             answer = service.register(args.url, args.signature, trusted=True)
     finally:
         service.close()
-    sys.stdout.write(answer_text(answer.filesystem, answer.kernel, answer.ramdisk))
+    sys.stdout.write(answer_text(answer.filesystem, answer.kernel, answer.ramdisk, answer.qcow2))
     return EXIT_OK
 
 
@@ -298,18 +310,38 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_import_registry(args: argparse.Namespace) -> int:
+    # Imported here: boto3 costs start-up time the other commands do not need.
+    from registrar.cloud import Cloud
+    from registrar.migrate import import_registry
+
+    path = _config_path(args)
+    if path is None:
+        raise ConfigError(NO_CONFIG)
+    config = registrar_config.load(path)
+    cloud = Cloud.from_config(config)
+    registry = Registry(config.registrar.state_dir)
+    try:
+        report = import_registry(args.path, registry, cloud.describe)
+    finally:
+        registry.close()
+    print(report.summary(args.path))
+    return EXIT_OK
+
+
 def _tables(registry: Registry) -> list[tuple[str, list[str], list[list[str]]]]:
     """The registry as (title, header, rows) tables."""
     tables = [
         (
             "Answers (metadata SHA-1 → ids)",
-            ["metadata sha1", "FILESYSTEM", "KERNEL", "RAMDISK", "updated", "url"],
+            ["metadata sha1", "FILESYSTEM", "KERNEL", "RAMDISK", "QCOW2", "updated", "url"],
             [
                 [
                     a.metadata_sha1,
-                    a.filesystem,
+                    a.filesystem or "-",
                     a.kernel or "-",
                     a.ramdisk or "-",
+                    a.qcow2 or "-",
                     _when(a.updated),
                     a.url,
                 ]
@@ -325,6 +357,15 @@ def _tables(registry: Registry) -> list[tuple[str, list[str], list[list[str]]]]:
             ],
         ),
     ]
+    imported = registry.all_imported()
+    if imported:
+        tables.append(
+            (
+                "Imported from the original ImageProxy (part SHA-1 → id)",
+                ["kind", "part sha1", "image id", "imported"],
+                [[i.kind, i.sha1, i.image_id, _when(i.imported)] for i in imported],
+            )
+        )
     jobs = registry.jobs()
     if jobs:
         now = time.time()

@@ -172,3 +172,65 @@ def test_magic_bytes() -> None:
     assert decompress.detect(b"\x5d\x01\x02\x03\x04" + b"\xff" * 8) is Format.RAW
     assert decompress.detect(bytes(6)) is Format.RAW
     assert decompress.detect(b"\x53\xef") is Format.RAW
+
+
+def _gnu_tar(tmp_path: Path, members: dict[str, bytes | Path], name: str = "t.tgz") -> Path:
+    """A gzip tar made by GNU tar -S, members in the given order (a Path is added sparse)."""
+    src = tmp_path / "src"
+    src.mkdir(exist_ok=True)
+    for arcname, content in members.items():
+        target = src / arcname
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, Path):
+            shutil.copyfile(content, target)
+            subprocess.run(["fallocate", "--dig-holes", str(target)], check=True)
+        else:
+            target.write_bytes(content)
+    out = tmp_path / name
+    subprocess.run(
+        ["tar", "-Sczf", str(out), "-C", str(src), *members], check=True, capture_output=True
+    )
+    return out
+
+
+@pytest.mark.parametrize("arcname", ["filesystem", "./filesystem"])
+def test_the_member_named_filesystem_is_the_image_wherever_it_stands(
+    arcname: str, tmp_path: Path
+) -> None:
+    image = make_sparse_file(tmp_path / "img", 8 << 20, [(0, b"boot" * 1000), (6 << 20, b"z" * 9)])
+    members: dict[str, bytes | Path] = {"README": b"read me first\n", "notes/x.txt": b"x" * 5000}
+    members[arcname] = image
+    members["filesystem.md5"] = b"0" * 32
+    found, data = read_image(_gnu_tar(tmp_path, members))
+    assert found.tar_member == arcname
+    assert found.sparse, "a sparse member stays sparse"
+    assert data == image.read_bytes()
+
+
+def test_imgcapture_shaped_tar_registers_its_filesystem(
+    image_factory: ImageFactory, tmp_path: Path
+) -> None:
+    """imgcapture.sh ran `tar -Sczvf name.tgz -C dir filesystem`."""
+    raw = image_factory.ext4(size_mib=8, seed=5)
+    found, data = read_image(_gnu_tar(tmp_path, {"filesystem": raw}))
+    assert (found.format, found.tar_member, found.sparse) == (Format.GZIP, "filesystem", True)
+    assert hashlib.sha1(data).hexdigest() == image_factory.sha1(raw)
+
+
+def test_a_tar_with_one_other_file_uses_it_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    payload = os.urandom(50_000)
+    found, data = read_image(_gnu_tar(tmp_path, {"disk.img": payload}))
+    assert (found.tar_member, data) == ("disk.img", payload)
+    assert "holds no member named 'filesystem'; using its only file 'disk.img'" in caplog.text
+
+
+def test_a_tar_with_several_files_and_no_filesystem_names_them(tmp_path: Path) -> None:
+    tarball = _gnu_tar(tmp_path, {"README": b"hello", "disk.img": os.urandom(9000)})
+    with pytest.raises(DecompressError) as caught:
+        read_image(tarball)
+    assert str(caught.value) == (
+        "the tar inside the image has no member named 'filesystem' and 2 regular files; "
+        "members found: 'README', 'disk.img'"
+    )

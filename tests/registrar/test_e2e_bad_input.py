@@ -77,7 +77,7 @@ def test_bad_inputs_get_specific_faults_and_leave_nothing_behind(
             "no filesystem",
             origin.put("nofs.xml", no_fs),
             _sha1(no_fs),
-            "lists no FILESYSTEM or ZFILESYSTEM image; a filesystem is required",
+            "lists no FILESYSTEM, ZFILESYSTEM or QCOW2 image; a filesystem or a QCOW2 is required",
         )
     )
     doctype = b'<!DOCTYPE images [<!ENTITY x SYSTEM "file:///etc/passwd">]><images>&x;</images>'

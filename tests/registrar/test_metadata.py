@@ -101,19 +101,55 @@ def test_unknown_types_and_wrong_case_are_ignored_with_a_log_line(
     caplog.set_level(logging.INFO, logger="registrar.metadata")
     images = parse(
         doc(
-            entry("QCOW2", "http://o/q", B),
+            entry("VHD", "http://o/q", B),
             entry("kernel", "http://o/k", C),
             entry("FILESYSTEM", "http://o/fs", A),
         ),
         SRC,
     )
     assert images.kernel is None
-    assert "unknown type 'QCOW2'" in caplog.text
+    assert "unknown type 'VHD'" in caplog.text
     assert "unknown type 'kernel'" in caplog.text
 
 
+def test_qcow2_alone_or_beside_a_filesystem() -> None:
+    alone = parse(doc(entry("QCOW2", "http://o/q", B)), SRC)
+    assert alone.filesystem is None
+    assert alone.qcow2 is not None and (alone.qcow2.url, alone.qcow2.sha1) == ("http://o/q", B)
+    both = parse(
+        doc(
+            entry("QCOW2", "http://o/q", B),
+            entry("KERNEL", "http://o/k", C),
+            entry("ZFILESYSTEM", "http://o/fs", A),
+        ),
+        SRC,
+    )
+    assert both.filesystem is not None and both.filesystem.type == "ZFILESYSTEM"
+    assert [p.type for p in both.parts()] == ["KERNEL", "ZFILESYSTEM", "QCOW2"]
+
+
+@pytest.mark.parametrize(
+    "blank",
+    [
+        "<image><type></type><url>http://o/x</url><signature>{C}</signature></image>",
+        "<image><type>KERNEL</type><url> </url><signature>{C}</signature></image>",
+        "<image><type>KERNEL</type><url>http://o/x</url><signature/></image>",
+        "<image><type>KERNEL</type><url>http://o/x</url></image>",
+        "<image><type/><url/><signature/></image>",
+    ],
+)
+def test_entries_with_an_empty_field_are_skipped_with_a_log_line(
+    blank: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="registrar.metadata")
+    images = parse(doc(blank.format(C=C), entry("FILESYSTEM", "http://o/fs", A)), SRC)
+    assert images.kernel is None
+    assert images.filesystem is not None and images.filesystem.sha1 == A
+    assert "skipping image entry 1, whose <" in caplog.text
+
+
 def test_names_are_case_sensitive() -> None:
-    with pytest.raises(MetadataError, match="no FILESYSTEM or ZFILESYSTEM image"):
+    with pytest.raises(MetadataError, match="no FILESYSTEM, ZFILESYSTEM or QCOW2 image"):
         parse(b"<images><Image><type>FILESYSTEM</type></Image></images>", SRC)
 
 
@@ -125,7 +161,11 @@ def test_root_element_name_is_not_required_to_be_images() -> None:
 @pytest.mark.parametrize(
     ("data", "error", "message"),
     [
-        (doc(entry("KERNEL", "http://o/k", A)), MetadataError, "a filesystem is required"),
+        (
+            doc(entry("KERNEL", "http://o/k", A)),
+            MetadataError,
+            "a filesystem or a QCOW2 is required",
+        ),
         (doc(), MetadataError, "lists no FILESYSTEM"),
         (
             b"<images><image>",
@@ -134,14 +174,15 @@ def test_root_element_name_is_not_required_to_be_images() -> None:
         ),
         (b"not xml at all", MetadataError, "not well-formed XML"),
         (
+            # The only filesystem entry is skipped for its missing signature: none is left.
             doc("<image><type>FILESYSTEM</type><url>http://o/fs</url></image>"),
             MetadataError,
-            "image entry 1 .* has no <signature>",
+            "lists no FILESYSTEM, ZFILESYSTEM or QCOW2 image",
         ),
         (
-            doc(f"<image><type>FILESYSTEM</type><signature>{A}</signature></image>"),
+            doc(f"<image><type>FILESYSTEM</type><url><a/></url><signature>{A}</signature></image>"),
             MetadataError,
-            "has no <url>",
+            "image entry 1 .* has no <url> text",
         ),
         (
             doc(entry("FILESYSTEM", "http://o/fs", "abc")),

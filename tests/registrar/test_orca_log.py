@@ -42,7 +42,10 @@ def _closed_port() -> int:
 
 
 def test_orca_logs_each_reason_and_reads_the_answer(
-    stack: Stack, origin: Origin, image_factory: ImageFactory, orca_client: OrcaClient  # noqa: F811
+    stack: Stack,
+    origin: Origin,
+    image_factory: ImageFactory,
+    orca_client: OrcaClient,  # noqa: F811
 ) -> None:
     images = image_factory.publish(origin, size_mib=16, fs_format="raw", ramdisk=False)
     kernel = images.parts["KERNEL"]
@@ -80,7 +83,9 @@ def test_orca_logs_each_reason_and_reads_the_answer(
 
     # A cloud refusal, after the parts were fetched and verified.
     stack.cloud.refuse("RegisterImage", "InvalidManifest", "manifest signature is invalid")
-    code, lines = orca_client.register(registrar.endpoint, images.metadata_url, images.metadata_sha1)
+    code, lines = orca_client.register(
+        registrar.endpoint, images.metadata_url, images.metadata_sha1
+    )
     assert code == 1
     assert lines == [
         AXIS_FAULT + f"registering the KERNEL image from {kernel.url} failed: "
@@ -90,7 +95,9 @@ def test_orca_logs_each_reason_and_reads_the_answer(
 
     # Once the cloud accepts, ORCA loads the ids with java.util.Properties.
     stack.cloud.stop_refusing()
-    code, lines = orca_client.register(registrar.endpoint, images.metadata_url, images.metadata_sha1)
+    code, lines = orca_client.register(
+        registrar.endpoint, images.metadata_url, images.metadata_sha1
+    )
     assert code == 0, lines
     ids = dict(line.split("=", 1) for line in lines)
     assert set(ids) == {"FILESYSTEM", "KERNEL", "RAMDISK"}
