@@ -144,3 +144,28 @@ def test_unusable_credential_files_are_named(pems: dict[str, Path], tmp_path: Pa
         BundleKeys.load(garbage)
     with pytest.raises(CredentialError, match="not an unencrypted PEM private key"):
         BundleKeys.load(pems["cloud_cert"], user_key=pems["cloud_cert"])
+
+
+def test_rebind_names_another_kernel_keeps_the_parts_and_signs_again(
+    pems: dict[str, Path],
+) -> None:
+    from registrar.manifest import rebind_manifest
+
+    keys = BundleKeys.load(pems["cloud_cert"], pems["user_cert"], pems["user_key"])
+    old = build(keys, kernel_id="eki-1", ramdisk_id="eri-1")
+    new = rebind_manifest(old, name="img2", keys=keys, kernel_id="eki-2")
+    old_root, root = etree.fromstring(old), etree.fromstring(new)
+    assert [e.tag for e in root] == ROOT_ORDER
+    assert [e.tag for e in root.find("machine_configuration")][-1] == "kernel_id"
+    assert root.findtext("machine_configuration/kernel_id") == "eki-2"
+    assert root.find("machine_configuration/ramdisk_id") is None
+    assert root.findtext("image/name") == "img2"
+    for tag in ("digest", "size", "bundled_size", "ec2_encrypted_key", "ec2_encrypted_iv"):
+        assert root.findtext(f"image/{tag}") == old_root.findtext(f"image/{tag}")
+    assert etree.tostring(root.find("image/parts")) == etree.tostring(old_root.find("image/parts"))
+    signed = re.search(rb"<machine_configuration>.*</image>", new, re.S).group(0)
+    cert = x509.load_pem_x509_certificate(pems["user_cert"].read_bytes())
+    signature = bytes.fromhex(root.findtext("signature"))
+    cert.public_key().verify(signature, signed, padding.PKCS1v15(), hashes.SHA1())
+    with pytest.raises(ValueError, match="not a machine image"):
+        rebind_manifest(build(keys, image_type="kernel"), name="k", keys=keys)

@@ -191,3 +191,28 @@ def test_abandoned_job_is_cleaned_at_the_next_claim(registry: Registry) -> None:
     (job,) = registry.abandoned_jobs()
     assert (job.owner, job.prefix, job.owner_alive()) == ("registrar:me:1", "pfx", False)
     assert registry.claim("k", "registrar:me:2") == job
+
+
+def test_a_registry_of_the_previous_release_gains_the_new_columns(tmp_path: Path) -> None:
+    state = tmp_path / "old"
+    state.mkdir()
+    with sqlite3.connect(state / FILENAME) as db:
+        db.executescript(
+            "CREATE TABLE answers (metadata_sha1 TEXT PRIMARY KEY, url TEXT NOT NULL,"
+            " filesystem TEXT NOT NULL, kernel TEXT NOT NULL, ramdisk TEXT NOT NULL,"
+            " updated REAL NOT NULL);"
+            "CREATE TABLE images (key TEXT PRIMARY KEY, kind TEXT NOT NULL, sha1 TEXT NOT NULL,"
+            " image_id TEXT NOT NULL, bucket TEXT NOT NULL, prefix TEXT NOT NULL,"
+            " created REAL NOT NULL);"
+            f"INSERT INTO answers VALUES ('{A}', 'http://o/m', 'emi-1', 'eki-1', '', 1.0);"
+            f"INSERT INTO images VALUES ('kernel:{A}', 'kernel', '{A}', 'eki-1', 'b', 'p', 1.0);"
+        )
+    db.close()
+    reg = Registry(state)
+    try:
+        assert reg.answer(A) == Answer(A, "http://o/m", "emi-1", "eki-1", "", 1.0, "")
+        assert reg.image(f"kernel:{A}").manifest == ""
+        reg.save_answer(Answer("b" * 40, "http://o/n", "emi-2", "", "", qcow2="q-1"))
+        assert reg.answer("b" * 40).qcow2 == "q-1"
+    finally:
+        reg.close()
