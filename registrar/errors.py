@@ -55,7 +55,7 @@ class FetchError(RegistrarError):
     """Raised when a blob cannot be fetched through imgstore (origin down, cache full, …)."""
 
 
-# --- configuration, bundling and the cloud (registrar/config.py, bundle.py, cloud.py) ---
+# --- configuration, bundling and the clouds (registrar/config.py, bundle.py, clouds/) ---
 
 
 class ConfigError(RegistrarError):

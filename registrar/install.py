@@ -1,4 +1,4 @@
-"""Bundle, upload and register images in one call: what `euca-install-image` does, in-process.
+"""Register local image files in one call: what `euca-install-image` does, in-process.
 
     installed = install_image(cloud, keys, stream, label="centos", image_type="machine",
                               arch="x86_64", expected_sha1=sha1, account_id=acct,
@@ -9,39 +9,47 @@
                       machine=ImageFile(path, sha1, decompress=True),
                       kernel=ImageFile(kpath, ksha1), ramdisk=ImageFile(rpath, rsha1))
 
-Every bundle goes under a fresh folder `<unique prefix>/` of the bucket, so a re-registration
-never meets an earlier one's objects. On any failure or interruption — a wrong SHA-1, a part
-that does not upload, RegisterImage refused, the image not available in time — what was
-registered is deregistered and every object uploaded is deleted, and the original error is
-raised: nothing leaks into the bucket.
+    installed = install_file(config, path, image_type="kernel")    # any [cloud] type
+
+All of them run the one registration pipeline (`registrar.pipeline`) that the SOAP service
+runs. Every image goes to a fresh placement (a bundle folder, an image name), so a
+re-registration never meets an earlier one's objects. On any failure or interruption — a
+wrong SHA-1, a part that does not upload, a registration refused, the image not usable in
+time — what was registered is deleted and the original error is raised: nothing leaks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from registrar import names
-from registrar.bundle import Progress, bundle_image
-from registrar.cloud import Cloud
+from registrar.bundle import Progress
+from registrar.clouds import KERNEL, MACHINE, RAMDISK, Backend, PartRequest
+from registrar.clouds.euca_api import Cloud
+from registrar.clouds.eucalyptus import Eucalyptus
+from registrar.clouds.select import backend_for
 from registrar.config import Config
-from registrar.errors import BundleError, CloudError
-from registrar.manifest import BundleKeys, Manifest
+from registrar.errors import BundleError
+from registrar.manifest import BundleKeys
+from registrar.pipeline import register_part
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class Installed:
-    """A registered image: its id, the name it was registered under, where its bundle is."""
+    """A registered image: its id, the name it was registered under, where it is stored."""
 
     image_id: str
     name: str
-    location: str
+    location: str  # Eucalyptus: "bucket/folder/x.manifest.xml"; OpenStack: the image service
     folder: str
-    manifest: Manifest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,68 +79,46 @@ def install_image(
     description: str | None = None,
     compression_level: int | None = None,
     progress: Progress | None = None,
-    wait: bool = True,
 ) -> Installed:
-    """Bundle `source`, upload it, register it and (if `wait`) wait until it is available.
+    """Bundle `source` for Eucalyptus, upload it, register it and wait until it is available.
 
     `name` (validated) defaults to the unique bundle prefix made from `label` and the SHA-1.
     `compression_level` defaults to the cloud config's. Raises BundleError, DecompressError,
     ImageChecksumMismatch or CloudError, after cleaning up.
     """
-    level = cloud.cfg.compression_level if compression_level is None else compression_level
-    folder = names.unique_name(label, expected_sha1)
-    name = names.validate(name) if name else folder
-    upload = cloud.start_upload(folder)
-    image_id: str | None = None
-    try:
-        manifest = bundle_image(
-            source,
-            name=name,
-            prefix=folder,
-            image_type=image_type,
-            arch=arch,
-            expected_sha1=expected_sha1,
-            keys=keys,
-            account_id=account_id,
-            part_sink=upload.put_part,
-            kernel_id=kernel_id,
-            ramdisk_id=ramdisk_id,
-            decompress=decompress,
-            compression_level=level,
-            progress=progress,
-        )
-        location = upload.finish(manifest)
-        image_id = cloud.register(
-            location,
-            name=name,
-            arch=arch,
-            kernel_id=kernel_id,
-            ramdisk_id=ramdisk_id,
-            description=description,
-        )
-        if wait:
-            cloud.wait_available(image_id)
-    except BaseException as exc:
-        _clean_up(cloud, upload, image_id, exc)
-        raise
-    log.info("installed %s as %s (%s)", label, image_id, location)
-    return Installed(image_id, name, location, folder, manifest)
+    backend = Eucalyptus(cloud, keys, account_id, arch, compression_level)
+    request = PartRequest(
+        kind=image_type,
+        label=label,
+        sha1=expected_sha1,
+        kernel_id=kernel_id or "",
+        ramdisk_id=ramdisk_id or "",
+        decompress=decompress,
+        name=names.validate(name) if name else None,
+        description=description,
+    )
+    return _install(backend, request, source, progress)
 
 
-def _clean_up(cloud: Cloud, upload: object, image_id: str | None, cause: BaseException) -> None:
-    """Undo a failed install; a cleanup failure is logged and noted, never masks the cause."""
-    log.info("install failed (%s): deregistering and deleting what was uploaded", cause)
+def _install(
+    backend: Backend, request: PartRequest, source: BinaryIO, progress: Progress | None
+) -> Installed:
+    @contextlib.contextmanager
+    def open_source() -> Iterator[tuple[BinaryIO, int]]:
+        yield source, _size(source)
+
+    done, placement = register_part(backend, request, open_source, progress=progress)
+    log.info("installed %s as %s (%s)", request.label, done.image_id, done.location)
+    return Installed(
+        done.image_id, done.name, done.location or placement.location, placement.folder
+    )
+
+
+def _size(source: BinaryIO) -> int:
     try:
-        if image_id:
-            cloud.deregister(image_id)
-    except CloudError as exc:
-        log.error("cleanup: %s", exc)
-        cause.add_note(f"cleanup failed too: {exc}")
-    try:
-        upload.abort()  # type: ignore[attr-defined]
-    except CloudError as exc:
-        log.error("cleanup: %s", exc)
-        cause.add_note(f"cleanup failed too: {exc}")
+        return os.fstat(source.fileno()).st_size
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 def install_set(
@@ -151,42 +137,29 @@ def install_set(
     Returns {"kernel": …, "ramdisk": …, "machine": …} for the images installed. If a later
     image fails, the earlier ones stay registered (they are complete and reusable).
     """
+    backend = Eucalyptus(cloud, keys, account_id, arch)
     done: dict[str, Installed] = {}
-    for image_type, item in (("kernel", kernel), ("ramdisk", ramdisk)):
+    for kind, item in ((KERNEL, kernel), (RAMDISK, ramdisk)):
         if item is not None:
-            done[image_type] = _install_file(
-                cloud,
-                keys,
-                item,
-                image_type=image_type,
-                arch=arch,
-                account_id=account_id,
-                progress=progress,
-            )
-    done["machine"] = _install_file(
-        cloud,
-        keys,
+            done[kind] = _install_file(backend, item, kind, progress=progress)
+    done[MACHINE] = _install_file(
+        backend,
         machine,
-        image_type="machine",
-        arch=arch,
-        account_id=account_id,
-        kernel_id=done["kernel"].image_id if "kernel" in done else None,
-        ramdisk_id=done["ramdisk"].image_id if "ramdisk" in done else None,
+        MACHINE,
+        kernel_id=done[KERNEL].image_id if KERNEL in done else "",
+        ramdisk_id=done[RAMDISK].image_id if RAMDISK in done else "",
         progress=progress,
     )
     return done
 
 
 def _install_file(
-    cloud: Cloud,
-    keys: BundleKeys,
+    backend: Backend,
     item: ImageFile,
+    kind: str,
     *,
-    image_type: str,
-    arch: str,
-    account_id: str,
-    kernel_id: str | None = None,
-    ramdisk_id: str | None = None,
+    kernel_id: str = "",
+    ramdisk_id: str = "",
     progress: Progress | None = None,
     name: str | None = None,
 ) -> Installed:
@@ -194,29 +167,24 @@ def _install_file(
         stream = open(item.path, "rb")  # noqa: SIM115 (closed below)
     except OSError as exc:
         raise BundleError(f"cannot open {item.path}: {exc.strerror}") from exc
+    request = PartRequest(
+        kind=kind,
+        label=item.label or item.path.name,
+        sha1=item.sha1,
+        kernel_id=kernel_id,
+        ramdisk_id=ramdisk_id,
+        decompress=item.decompress,
+        name=names.validate(name) if name else None,
+    )
     with stream:
-        return install_image(
-            cloud,
-            keys,
-            stream,
-            label=item.label or item.path.name,
-            image_type=image_type,
-            arch=arch,
-            expected_sha1=item.sha1,
-            account_id=account_id,
-            kernel_id=kernel_id,
-            ramdisk_id=ramdisk_id,
-            name=name,
-            decompress=item.decompress,
-            progress=progress,
-        )
+        return _install(backend, request, stream, progress)
 
 
 def install_file(
     config: Config,
     path: Path,
     *,
-    image_type: str = "machine",
+    image_type: str = MACHINE,
     arch: str = "x86_64",
     kernel_id: str | None = None,
     ramdisk_id: str | None = None,
@@ -224,24 +192,18 @@ def install_file(
     decompress: bool | None = None,
     progress: Progress | None = None,
 ) -> Installed:
-    """`registrar install-image`: install one local file with the config's cloud and keys.
+    """`registrar install-image`: install one local file with the config's cloud.
 
-    `decompress` defaults to True for machine images and False for kernels and ramdisks.
+    `decompress` defaults to True for machine images and False for the others.
     """
     if decompress is None:
-        decompress = image_type == "machine"
-    cfg = config.require_cloud()
-    keys = BundleKeys.load(cfg.cloud_cert, cfg.user_cert, cfg.user_key)
-    cloud = Cloud.from_config(config)
+        decompress = image_type == MACHINE
     return _install_file(
-        cloud,
-        keys,
+        backend_for(config, arch),
         ImageFile(path, decompress=decompress),
-        image_type=image_type,
-        arch=arch,
-        account_id=cfg.account_id,
-        kernel_id=kernel_id,
-        ramdisk_id=ramdisk_id,
+        image_type,
+        kernel_id=kernel_id or "",
+        ramdisk_id=ramdisk_id or "",
         progress=progress,
         name=name,
     )

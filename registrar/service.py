@@ -1,4 +1,4 @@
-"""RegisterImage end to end: metadata → imgstore → bundle → cloud → ids.
+"""RegisterImage end to end: metadata → imgstore → the cloud's backend → ids.
 
     service = Service.from_config(config, cache_dir, mountpoint)  # + the store's paths
     service.recover()                              # clean up what a dead registrar left
@@ -11,17 +11,18 @@ The steps of one call:
 2. If the registry has an answer for the metadata SHA-1 and one DescribeImages shows its ids
    still exist, answer it: nothing is fetched, bundled or uploaded.
 3. Add the metadata to imgstore by its signature (URLs from SOAP are untrusted) and read it from
-   the mount — a complete read succeeds only on verified bytes — then parse it. A QCOW2 cannot
-   be bundled for Eucalyptus: beside a filesystem it is skipped with a log line; alone it is an
-   UnsupportedImage error.
+   the mount — a complete read succeeds only on verified bytes — then parse it. A QCOW2 needs
+   a backend that takes QCOW2 (OpenStack): on Eucalyptus, beside a filesystem it is skipped
+   with a log line; alone it is an UnsupportedImage error.
 4. For the kernel and the ramdisk (in parallel), then the machine image (which names their
-   ids): if the registry has the part's image and the cloud still has it, reuse it; otherwise
-   claim the part's key, add the part to imgstore (part URLs are never trusted), pin it, stream
-   it from the mount through the bundler into the upload (at most `max_bundles` at once),
-   register it, wait until it is available, and record it. A part the original ImageProxy
+   ids) beside the QCOW2: if the registry has the part's image and the cloud still has it,
+   reuse it; otherwise claim the part's key and run the registration pipeline
+   (`registrar.pipeline`, at most `max_bundles` streaming at once) with the cloud's backend:
+   the part is added to imgstore (part URLs are never trusted), pinned, and streamed from the
+   mount into the cloud, registered, waited for, and recorded. A part the original ImageProxy
    registered (`registrar import-registry`) is answered with its id if the cloud still has it.
-   A machine image whose filesystem is already bundled for another kernel/ramdisk combination
-   costs only a new manifest beside the existing parts, and a registration.
+   On Eucalyptus, a machine image whose filesystem is already bundled for another
+   kernel/ramdisk combination costs only a new manifest beside the existing parts.
 5. Save and return the answer.
 
 Single flight. Within this process, one thread does the work for a metadata SHA-1 and one for
@@ -29,15 +30,15 @@ a part key; concurrent callers wait for it and share its result or its error (`_
 Across processes (the server and a `registrar register`), the registry's job claims serialize a
 part key; a process that finds a live claim polls until it is released.
 
-Nothing leaks. A job records its bundle folder before uploading and its image id as soon as
-it is registered. On failure the folder is deleted and the image deregistered before the claim
-is dropped; if that cleanup itself fails the job is marked abandoned, so the next claim (or
-`recover()` at the next start) cleans it up again. A registrar killed mid-job leaves a job whose
-owner is dead; `recover()` and any later claim of that key clean it up the same way.
+Nothing leaks. A job records its placement (bundle folder, or image name) before uploading and
+its image id as soon as it has one. On failure the backend deletes what the job made before
+the claim is dropped; if that cleanup itself fails the job is marked abandoned, so the next
+claim (or `recover()` at the next start) cleans it up again. A registrar killed mid-job leaves
+a job whose owner is dead; `recover()` and any later claim of that key clean it up the same way.
 
 A registrar killed between the cloud accepting RegisterImage and the registry recording the id
 leaves an image whose id nobody saved: the job recorded its name first, so the cleanup finds it
-by name (DescribeImages) and deregisters it.
+by name and deletes it.
 
 Lock order: a metadata flight may wait on part flights, never the other way round; no lock is
 held while waiting on a flight or on the cloud.
@@ -58,13 +59,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from lxml import etree
-
 from imgstore import client as imgstore
 from imgstore.errors import BadUrl, OriginError, StoreError
 from registrar import names
-from registrar.bundle import bundle_image
-from registrar.cloud import BundleUpload, Cloud
+from registrar.clouds import (
+    GONE_STATES,
+    KERNEL,
+    MACHINE,
+    QCOW2,
+    RAMDISK,
+    Backend,
+    PartRequest,
+    Placement,
+)
+from registrar.clouds.select import backend_for
 from registrar.config import Config
 from registrar.errors import (
     BundleError,
@@ -78,7 +86,6 @@ from registrar.errors import (
     SignatureMismatch,
     UnsupportedImage,
 )
-from registrar.manifest import BundleKeys, manifest_filename, rebind_manifest
 from registrar.metadata import (
     MAX_METADATA_BYTES,
     ImageSet,
@@ -88,6 +95,7 @@ from registrar.metadata import (
 )
 from registrar.metadata import parse as parse_metadata
 from registrar.metrics import RegistrarMetrics
+from registrar.pipeline import JobHooks, register_part
 from registrar.properties import answer_text
 from registrar.registry import Answer, Claimed, Image, Job, Registry, image_key, process_start
 
@@ -112,7 +120,6 @@ class Settings:
     allowed_networks: tuple[str, ...] = ()  # CIDRs untrusted URLs may reach despite the rules
     http_proxy: str = ""  # the store's [store] http_proxy: the probe goes where the chunks go
     arch: str = DEFAULT_ARCH
-    compression_level: int = 3
     max_bundles: int = 2  # images bundled at once; each takes a few cores and up to ~80 MiB
     claim_wait: float = 4 * 3600.0  # longer than any registration ORCA would still wait for
     claim_poll: float = 0.5
@@ -220,15 +227,11 @@ class Service:
     def __init__(
         self,
         settings: Settings,
-        cloud: Cloud,
-        keys: BundleKeys,
-        account_id: str,
+        backend: Backend,
         registry: Registry | None = None,
     ) -> None:
         self.settings = settings
-        self.cloud = cloud
-        self.keys = keys
-        self.account_id = account_id
+        self.backend = backend
         self.registry = registry or Registry(settings.state_dir)
         self._flights = _Flights()
         self.metrics = RegistrarMetrics()
@@ -243,17 +246,14 @@ class Service:
         cls, config: Config, cache_dir: Path, mountpoint: Path, http_proxy: str = ""
     ) -> Service:
         """The service for a loaded registrar config and the store's settings it needs."""
-        cloud_cfg = config.require_cloud()
-        keys = BundleKeys.load(cloud_cfg.cloud_cert, cloud_cfg.user_cert, cloud_cfg.user_key)
         settings = Settings(
             cache_dir=cache_dir,
             mountpoint=mountpoint,
             state_dir=config.registrar.state_dir,
             allowed_networks=tuple(str(net) for net in config.registrar.allowed_networks),
             http_proxy=http_proxy,
-            compression_level=cloud_cfg.compression_level,
         )
-        return cls(settings, Cloud.from_config(config), keys, cloud_cfg.account_id)
+        return cls(settings, backend_for(config, arch=settings.arch))
 
     def close(self) -> None:
         self.registry.close()
@@ -294,49 +294,54 @@ class Service:
                 return known
             log.warning("metadata %s: a registered image is gone from the cloud; redoing", sha1)
         images = self._read_metadata(url, sha1, trusted)
-        filesystem = self._supported(images, url)
-        # Kernel and ramdisk in parallel (each waits for "available"), then the machine image,
-        # which names both. Both run to the end even if one fails: a registered part is kept.
+        filesystem, qcow2 = self._supported(images, url)
+
+        def part(p: Part | None, kind: str, kernel_id: str = "", ramdisk_id: str = "") -> str:
+            return self._part(p, kind, kernel_id, ramdisk_id, sha1, progress)
+
+        # Kernel and ramdisk in parallel (each waits until usable), then the machine image,
+        # which names both, beside the QCOW2. All run to the end even if one fails: a
+        # registered part is kept for the next call.
         kernel_id, ramdisk_id = _in_parallel(
-            lambda: self._part(images.kernel, "kernel", "", "", progress),
-            lambda: self._part(images.ramdisk, "ramdisk", "", "", progress),
+            lambda: part(images.kernel, KERNEL), lambda: part(images.ramdisk, RAMDISK)
         )
-        machine_id = self._part(filesystem, "machine", kernel_id, ramdisk_id, progress)
-        answer = Answer(sha1, url, machine_id, kernel_id, ramdisk_id)
+        machine_id, qcow2_id = _in_parallel(
+            lambda: part(filesystem, MACHINE, kernel_id, ramdisk_id), lambda: part(qcow2, QCOW2)
+        )
+        answer = Answer(sha1, url, machine_id, kernel_id, ramdisk_id, qcow2=qcow2_id)
         self.registry.save_answer(answer)
         log.info(
-            "metadata %s: FILESYSTEM=%s KERNEL=%s RAMDISK=%s",
+            "metadata %s: FILESYSTEM=%s KERNEL=%s RAMDISK=%s QCOW2=%s",
             sha1,
             machine_id,
             kernel_id,
             ramdisk_id,
+            qcow2_id,
         )
         return answer
 
-    def _supported(self, images: ImageSet, url: str) -> Part:
-        """The filesystem to register; a QCOW2 cannot be bundled for Eucalyptus."""
+    def _supported(self, images: ImageSet, url: str) -> tuple[Part | None, Part | None]:
+        """The filesystem and QCOW2 to register; a QCOW2 cannot be bundled for Eucalyptus."""
+        if images.qcow2 is None or QCOW2 in self.backend.kinds:
+            return images.filesystem, images.qcow2
         if images.filesystem is None:
             raise UnsupportedImage(
                 f"metadata at {url} lists only a QCOW2 image; QCOW2 images need an OpenStack "
                 "cloud, and this site registers images with Eucalyptus"
             )
-        if images.qcow2 is not None:
-            log.warning(
-                "metadata at %s: QCOW2 image %s skipped: Eucalyptus cannot register QCOW2 "
-                "images; registering the %s image",
-                url,
-                images.qcow2.url,
-                images.filesystem.type,
-            )
-        return images.filesystem
+        log.warning(
+            "metadata at %s: QCOW2 image %s skipped: Eucalyptus cannot register QCOW2 "
+            "images; registering the %s image",
+            url,
+            images.qcow2.url,
+            images.filesystem.type,
+        )
+        return images.filesystem, None
 
     def _alive(self, image_ids: list[str]) -> bool:
-        """One DescribeImages: do all these images still exist (and have not failed)?"""
-        found = self.cloud.describe(image_ids)
-        return all(
-            i in found and found[i].state not in ("deregistered", "failed", "error")
-            for i in image_ids
-        )
+        """One look at the cloud: do all these images still exist (and have not failed)?"""
+        found = self.backend.states(image_ids)
+        return all(i in found and found[i] not in GONE_STATES for i in image_ids)
 
     # --- imgstore ---
 
@@ -430,6 +435,7 @@ class Service:
         kind: str,
         kernel_id: str,
         ramdisk_id: str,
+        metadata_sha1: str,
         progress: Progress | None,
     ) -> str:
         if part is None:
@@ -439,18 +445,22 @@ class Service:
             original = self._imported(part, key)
             if original:
                 return original
-        return self._flights.run(
-            key, lambda: self._part_once(key, part, kind, kernel_id, ramdisk_id, progress)
+        request = PartRequest(
+            kind=kind,
+            label=_label(part.url, kind),
+            sha1=part.sha1,
+            kernel_id=kernel_id,
+            ramdisk_id=ramdisk_id,
+            # A filesystem may come compressed (ZFILESYSTEM, or a gzipped FILESYSTEM); kernels,
+            # ramdisks and QCOW2s are registered byte for byte.
+            decompress=kind == MACHINE,
+            source_url=part.url,
+            metadata_sha1=metadata_sha1,
         )
+        return self._flights.run(key, lambda: self._part_once(key, part, request, progress))
 
     def _part_once(
-        self,
-        key: str,
-        part: Part,
-        kind: str,
-        kernel_id: str,
-        ramdisk_id: str,
-        progress: Progress | None,
+        self, key: str, part: Part, request: PartRequest, progress: Progress | None
     ) -> str:
         owner = self._claim(key)
         if owner is None:
@@ -460,7 +470,7 @@ class Service:
             return image.image_id
         try:
             with self.metrics.job():
-                return self._build(key, part, kind, kernel_id, ramdisk_id, owner, progress)
+                return self._build(key, part, request, owner, progress)
         except BaseException:
             job = self.registry.job(key)
             if job is not None and job.owner == owner and job.owner_alive():
@@ -526,248 +536,95 @@ class Service:
         self,
         key: str,
         part: Part,
-        kind: str,
-        kernel_id: str,
-        ramdisk_id: str,
+        request: PartRequest,
         owner: str,
         progress: Progress | None,
     ) -> str:
-        if kind == "machine":
-            shared = self._shared_bundle(part.sha1)
-            if shared is not None:
-                image_id = self._rebind(key, part, shared, kernel_id, ramdisk_id, owner)
-                if image_id:
-                    return image_id
-        what = f"{part.type} image"
-        # Part URLs come from the metadata file, written by a remote user: never trusted.
-        blob = self._add(part.sha1, part.url, what, trusted=False)
-        imgstore.pin(self.settings.cache_dir, part.sha1, owner)
-        try:
-            folder = names.unique_name(_label(part.url, kind), part.sha1)
-            self.registry.record_bundle(key, self.cloud.bucket, folder)
-            upload: BundleUpload | None = None
-            image_id: str | None = None
-            try:
-                upload = self.cloud.start_upload(folder)
-                # A slot bounds the CPU and memory of bundling; waiting for "available" below
-                # holds none.
-                with self._bundle_slots:
-                    location = self._bundle(
-                        part, kind, folder, upload, kernel_id, ramdisk_id, blob.size, progress
-                    )
-                image_id = self.cloud.register(
-                    location,
-                    name=folder,
-                    arch=self.settings.arch,
-                    kernel_id=kernel_id or None,
-                    ramdisk_id=ramdisk_id or None,
-                )
-                self.registry.record_image_id(key, image_id)
-                self.cloud.wait_available(image_id)
-            except BaseException as exc:
-                self._undo(key, owner, folder, upload, image_id)
-                if isinstance(exc, BundleError | CloudError) and not isinstance(exc, InputError):
-                    raise RegistrationFailed(
-                        f"registering the {part.type} image from {part.url} failed: {exc}"
-                    ) from exc
-                raise
-            self.registry.finish(
-                key, Image(key, kind, part.sha1, image_id, self.cloud.bucket, folder)
-            )
-            self.metrics.image_registered(kind)
-            log.info("%s: registered %s as %s", key, part.url, image_id)
-            return image_id
-        finally:
-            imgstore.unpin(self.settings.cache_dir, part.sha1, owner)
-
-    # --- a filesystem bundled once, for every kernel/ramdisk combination ---
-
-    def _shared_bundle(self, sha1: str) -> Image | None:
-        """A registered machine image of this filesystem whose bundle is in our bucket."""
-        for image in self.registry.machine_images(sha1):
-            if image.bucket == self.cloud.bucket and image.prefix:
-                return image
-        return None
-
-    def _rebind(
-        self,
-        key: str,
-        part: Part,
-        shared: Image,
-        kernel_id: str,
-        ramdisk_id: str,
-        owner: str,
-    ) -> str:
-        """Register `part` from `shared`'s uploaded parts with a new manifest; "" if unusable.
-
-        The new manifest names the new kernel and ramdisk and goes beside the parts, which
-        Eucalyptus finds next to the manifest. A failure removes only that manifest and image.
-        """
-        folder = shared.prefix
-        source = shared.manifest or f"{folder}/{manifest_filename(folder)}"
-        try:
-            xml = self.cloud.get_object(source, step="manifest download")
-            present = set(self.cloud.list_keys(folder))
-        except CloudError as exc:
-            log.warning("%s: cannot reuse the bundle in %s (%s); bundling anew", key, folder, exc)
-            return ""
-        name = names.unique_name(_label(part.url, "machine"), part.sha1)
-        try:
-            manifest = rebind_manifest(
-                xml, name=name, keys=self.keys, kernel_id=kernel_id, ramdisk_id=ramdisk_id
-            )
-        except (ValueError, etree.XMLSyntaxError) as exc:
-            log.warning("%s: %s is not a usable manifest (%s); bundling anew", key, source, exc)
-            return ""
-        if not all(f"{folder}/{p}" in present for p in _part_files(manifest)):
-            log.warning("%s: parts of the bundle in %s are missing; bundling anew", key, folder)
-            return ""
-        manifest_key = f"{folder}/{manifest_filename(name)}"
-        self.registry.record_bundle(key, self.cloud.bucket, folder, manifest_key)
-        image_id: str | None = None
-        try:
-            self.cloud.put_object(manifest_key, manifest, step="manifest upload")
-            image_id = self.cloud.register(
-                f"{self.cloud.bucket}/{manifest_key}",
-                name=name,
-                arch=self.settings.arch,
-                kernel_id=kernel_id or None,
-                ramdisk_id=ramdisk_id or None,
-            )
-            self.registry.record_image_id(key, image_id)
-            self.cloud.wait_available(image_id)
-        except BaseException as exc:
-            self._undo_manifest(key, owner, manifest_key, name, image_id)
-            if isinstance(exc, CloudError):
-                raise RegistrationFailed(
-                    f"registering the {part.type} image from {part.url} failed: {exc}"
-                ) from exc
-            raise
-        self.registry.finish(
-            key,
-            Image(
-                key, "machine", part.sha1, image_id, self.cloud.bucket, folder, 0.0, manifest_key
-            ),
+        reusable = []
+        if request.kind == MACHINE:
+            # Bundles of this filesystem made for other kernels and ramdisks.
+            reusable = [_placement(i) for i in self.registry.machine_images(part.sha1)]
+        hooks = JobHooks(
+            placed=lambda p: self.registry.record_bundle(key, p.location, p.folder, p.manifest),
+            registered=lambda image_id: self.registry.record_image_id(key, image_id),
+            abandoned=lambda _exc: self.registry.abandon(key, owner),
         )
-        self.metrics.image_registered("machine")
-        log.info(
-            "%s: registered %s as %s, reusing the bundle in %s", key, part.url, image_id, folder
-        )
-        return image_id
-
-    def _undo_manifest(
-        self, key: str, owner: str, manifest_key: str, name: str, image_id: str | None
-    ) -> None:
-        try:
-            self.cloud.cleanup_manifest(manifest_key, name, image_id)
-        except CloudError as exc:
-            log.error("%s: cleanup of %s failed (%s); will retry at the next claim", key, name, exc)
-            self.registry.abandon(key, owner)
-            return
-        log.info(
-            "%s: removed manifest %s%s", key, manifest_key, f" and {image_id}" if image_id else ""
-        )
-
-    def _bundle(
-        self,
-        part: Part,
-        kind: str,
-        folder: str,
-        upload: BundleUpload,
-        kernel_id: str,
-        ramdisk_id: str,
-        size: int,
-        progress: Progress | None,
-    ) -> str:
-        """Stream the part from the mount through the bundler into `upload`; return its location."""
+        sizes: list[int] = []
         report = None
         if progress is not None:
             done = [0]
 
             def report(n: int) -> None:
                 done[0] += n
-                progress(f"{part.type} {part.sha1[:12]}", done[0], size)
+                progress(f"{part.type} {part.sha1[:12]}", done[0], sizes[0] if sizes else 0)
 
-        with self._open_blob(part.sha1, part.url, f"{part.type} image") as source:
-            manifest = bundle_image(
-                source,
-                name=folder,
-                prefix=folder,
-                image_type=kind,
-                arch=self.settings.arch,
-                expected_sha1=part.sha1,
-                keys=self.keys,
-                account_id=self.account_id,
-                part_sink=upload.put_part,
-                kernel_id=kernel_id or None,
-                ramdisk_id=ramdisk_id or None,
-                # A filesystem may come compressed (ZFILESYSTEM, or a gzipped FILESYSTEM);
-                # kernels and ramdisks are registered byte for byte.
-                decompress=kind == "machine",
-                compression_level=self.settings.compression_level,
+        try:
+            registered, placement = register_part(
+                self.backend,
+                request,
+                lambda: self._source(part, owner, sizes),
+                hooks=hooks,
+                reusable=reusable,
+                slot=self._bundle_slots,
                 progress=report,
             )
-        location = upload.finish(manifest)
-        self.metrics.bundle_uploaded(manifest.size, manifest.bundled_size + len(manifest.xml))
-        return location
+        except (BundleError, CloudError) as exc:
+            if isinstance(exc, InputError):
+                raise
+            raise RegistrationFailed(
+                f"registering the {part.type} image from {part.url} failed: {exc}"
+            ) from exc
+        finally:
+            if sizes:  # the part was added and pinned: the pin lasts the whole job
+                imgstore.unpin(self.settings.cache_dir, part.sha1, owner)
+        image = Image(
+            key,
+            request.kind,
+            part.sha1,
+            registered.image_id,
+            placement.location,
+            placement.folder,
+            manifest=placement.manifest or "",
+        )
+        self.registry.finish(key, image)
+        self.metrics.image_registered(request.kind)
+        self.metrics.bundle_uploaded(registered.source_bytes, registered.stored_bytes)
+        log.info("%s: registered %s as %s", key, part.url, registered.image_id)
+        return registered.image_id
 
-    # --- cleanup ---
-
-    def _undo(
-        self,
-        key: str,
-        owner: str,
-        folder: str,
-        upload: BundleUpload | None,
-        image_id: str | None,
-    ) -> None:
-        """Remove what a failed job put in the cloud; if that fails, leave the job for recovery."""
-        try:
-            if upload is not None:
-                upload.abort()
-            # No id: RegisterImage failed, or was never sent, or went through unanswered.
-            self.cloud.cleanup(folder, image_id, by_name=image_id is None)
-        except CloudError as exc:
-            log.error(
-                "%s: cleanup of %s failed (%s); will retry at the next claim", key, folder, exc
-            )
-            self.registry.abandon(key, owner)
-            return
-        log.info("%s: cleaned up bundle %s%s", key, folder, f" and {image_id}" if image_id else "")
+    @contextmanager
+    def _source(
+        self, part: Part, owner: str, sizes: list[int]
+    ) -> Iterator[tuple[io.BufferedReader, int]]:
+        """The part, added to imgstore and pinned (`_build` unpins it), read through the mount."""
+        what = f"{part.type} image"
+        # Part URLs come from the metadata file, written by a remote user: never trusted.
+        blob = self._add(part.sha1, part.url, what, trusted=False)
+        imgstore.pin(self.settings.cache_dir, part.sha1, owner)
+        sizes.append(blob.size)
+        with self._open_blob(part.sha1, part.url, what) as source:
+            yield source, blob.size
 
     def _clean_job(self, job: Job) -> None:
         """Delete what an abandoned job may have put in the cloud, and drop its pins."""
-        if job.manifest and job.bucket == self.cloud.bucket:
-            # It only added a manifest to a folder other images share: remove just that.
-            name = job.manifest.rsplit("/", 1)[-1].removesuffix(".manifest.xml")
-            self.cloud.cleanup_manifest(job.manifest, name, job.image_id)
-        elif job.prefix and job.bucket == self.cloud.bucket:
-            # No saved id: the registrar may have died after the cloud registered the image.
-            self.cloud.cleanup(job.prefix, job.image_id, by_name=job.image_id is None)
-        elif job.image_id:
-            self.cloud.deregister(job.image_id)
-        if job.prefix and job.bucket and job.bucket != self.cloud.bucket:
-            log.warning(
-                "%s: bundle %s/%s is in another bucket; left alone", job.key, job.bucket, job.prefix
-            )
+        if job.prefix:
+            # No saved id: the registrar may have died after the cloud registered the image;
+            # the backend finds it by its name.
+            placement = Placement(job.bucket or "", job.prefix, job.manifest)
+            self.backend.undo(placement, job.image_id)
         imgstore.unpin_owner_prefix(self.settings.cache_dir, owner_process(job.owner))
 
     def _discard(self, image: Image) -> None:
-        """Forget an image the cloud no longer has, deleting its leftover bundle.
+        """Forget an image the cloud no longer has, deleting what is left of it.
 
-        A folder that other images still use keeps its parts; only this image's own added
-        manifest goes.
+        A bundle folder that other images still use keeps its parts; only this image's own
+        added manifest goes.
         """
-        if image.bucket == self.cloud.bucket and image.prefix:
-            others = [
-                i
-                for i in self.registry.folder_users(image.bucket, image.prefix)
-                if i.key != image.key
-            ]
-            if not others and not self.registry.folder_in_use(image.bucket, image.prefix):
-                self.cloud.cleanup(image.prefix)
-            elif image.manifest:
-                self.cloud.delete_keys([image.manifest])
+        others = [
+            i for i in self.registry.folder_users(image.bucket, image.prefix) if i.key != image.key
+        ]
+        shared = bool(others) or self.registry.folder_in_use(image.bucket, image.prefix)
+        self.backend.discard(_placement(image), shared=shared)
         self.registry.forget_image(image.key)
 
     def recover(self) -> int:
@@ -798,10 +655,8 @@ class Service:
         return cleaned
 
 
-def _part_files(manifest: bytes) -> list[str]:
-    """The part file names a manifest lists."""
-    root = etree.fromstring(manifest, etree.XMLParser(resolve_entities=False, no_network=True))
-    return [p.findtext("filename") or "" for p in root.iterfind("image/parts/part")]
+def _placement(image: Image) -> Placement:
+    return Placement(image.bucket, image.prefix, image.manifest or None)
 
 
 def _in_parallel(*calls: Callable[[], T]) -> list[T]:

@@ -312,7 +312,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_import_registry(args: argparse.Namespace) -> int:
     # Imported here: boto3 costs start-up time the other commands do not need.
-    from registrar.cloud import Cloud
+    from registrar.clouds.euca_api import Cloud
     from registrar.migrate import import_registry
 
     path = _config_path(args)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from registrar import config as registrar_config
-from registrar.cloud import Cloud
+from registrar.clouds.euca_api import Cloud
 from registrar.errors import CloudError, ConfigError
 from tests.support.cloud import StandInCloud
 

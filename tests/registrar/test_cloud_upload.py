@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from registrar import config as registrar_config
-from registrar.cloud import Cloud
+from registrar.clouds.euca_api import Cloud
 from registrar.install import install_image
 from registrar.manifest import BundleKeys
 from tests.registrar.bundle_check import check_bundle
