@@ -1,7 +1,7 @@
 """The cloud: Eucalyptus' S3 (Walrus / objectstorage) and EC2 APIs through boto3.
 
 This is the only module that imports boto3 or botocore. Every botocore failure becomes a
-CloudError whose `step` says what was being done ("bucket create", "part upload",
+CloudError whose `step` says what was being done ("bucket check", "bucket create", "part upload",
 "manifest upload", "RegisterImage", "waiting for available", "DeregisterImage", "delete",
 "DescribeImages") and whose message keeps the cloud's own code and text.
 
@@ -20,7 +20,9 @@ these steps together with that cleanup on every failure path.
 
 Compatibility choices, for Eucalyptus 3.x/4.x: path-style addressing by default, SigV2 ("s3")
 selectable, no flexible checksums (old object stores refuse the x-amz-checksum headers), v1
-object listing, objects deleted one by one (Walrus has no multi-object delete).
+object listing, objects deleted one by one (Walrus has no multi-object delete). The bucket is
+created without a location constraint, as Eucalyptus expects; an AWS-style S3 that requires one
+outside us-east-1 (IllegalLocationConstraintException) is asked again with `region` as it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +41,7 @@ from typing import Any, NoReturn, TypeVar
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.parsers
 
 from registrar.config import CloudConfig, Config
 from registrar.errors import CloudError, ImageFailed, RegistrationTimeout
@@ -58,23 +62,63 @@ class ImageState:
     name: str | None = None
 
 
+# What a botocore call can raise besides our own bugs. ResponseParserError (an answer that is
+# not the API's XML, such as a reverse proxy's HTML error page) is no BotoCoreError.
+BOTO_ERRORS = (
+    botocore.exceptions.BotoCoreError,
+    botocore.exceptions.ClientError,
+    botocore.parsers.ResponseParserError,
+)
+US_EAST_1 = "us-east-1"  # the one AWS region whose buckets take no location constraint
+_MESSAGE_LIMIT = 300  # characters of a cloud's message kept in the one-line error
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+
+
+def _one_line(text: str) -> str:
+    """`text` with its whitespace runs collapsed, cut to a length one log line can carry."""
+    text = " ".join(text.split())
+    return text if len(text) <= _MESSAGE_LIMIT else text[: _MESSAGE_LIMIT - 1] + "…"
+
+
+def _unparsable(exc: botocore.parsers.ResponseParserError) -> str:
+    """Say what came back instead of the API's XML: an HTML page's title, else its start."""
+    # botocore's message is "Unable to parse response (REASON), invalid XML received. …:\n"
+    # then the repr of the body's bytes; the title survives repr() as it is.
+    _, _, body = str(exc).partition("\n")
+    body = body.removeprefix("b'").removeprefix('b"')
+    title = _TITLE.search(body)
+    shown = title.group(1) if title else body[:120]
+    what = "an HTML page" if "<html" in body[:512].lower() else "an answer"
+    return f"the cloud sent {what} that is not its API's XML: {_one_line(shown)!r}"
+
+
 def _raise_cloud_error(step: str, exc: Exception) -> NoReturn:
     if isinstance(exc, botocore.exceptions.ClientError):
         error = exc.response.get("Error", {})
         code = str(error.get("Code") or "Unknown")
-        message = str(error.get("Message") or exc)
+        message = _one_line(str(error.get("Message") or exc))
         raise CloudError(step, f"{code}: {message}", code=code) from exc
     if isinstance(exc, botocore.exceptions.EndpointConnectionError):
         raise CloudError(step, f"cannot connect to {exc.kwargs.get('endpoint_url')}") from exc
-    raise CloudError(step, str(exc) or type(exc).__name__) from exc
+    if isinstance(exc, botocore.parsers.ResponseParserError):
+        raise CloudError(step, _unparsable(exc)) from exc
+    raise CloudError(step, _one_line(str(exc)) or type(exc).__name__) from exc
 
 
 def _call(step: str, fn: Callable[..., _T], **kwargs: Any) -> _T:
     """Run one botocore call, translating its errors to CloudError(step, …)."""
     try:
         return fn(**kwargs)
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+    except BOTO_ERRORS as exc:
         _raise_cloud_error(step, exc)
+
+
+def _status(exc: botocore.exceptions.ClientError) -> int | None:
+    return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+def _code(exc: botocore.exceptions.ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
 
 
 class Cloud:
@@ -113,25 +157,67 @@ class Cloud:
     # --- S3 ---
 
     def ensure_bucket(self) -> None:
-        """Create the bucket unless it exists and is ours (step "bucket create")."""
+        """Create the bucket unless it exists and is ours.
+
+        Steps: "bucket check" (HEAD, and on a 403 a listing that says why), "bucket create".
+        """
         try:
             self.s3.head_bucket(Bucket=self.bucket)
             return
         except botocore.exceptions.ClientError as exc:
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if status not in (404, 400):
-                _raise_cloud_error("bucket create", exc)
-        except botocore.exceptions.BotoCoreError as exc:
-            _raise_cloud_error("bucket create", exc)
+            status = _status(exc)
+            if status == 403:
+                self._explain_forbidden(exc)
+            elif status not in (404, 400):
+                _raise_cloud_error("bucket check", exc)
+        except BOTO_ERRORS as exc:
+            _raise_cloud_error("bucket check", exc)
+        self._create_bucket()
+
+    def _explain_forbidden(self, head_error: botocore.exceptions.ClientError) -> None:
+        """Raise the real cause of a 403 on HEAD, whose answer has no body to name it.
+
+        A listing of one key is refused for the same reason (SignatureDoesNotMatch,
+        InvalidAccessKeyId, AccessDenied, …) with an error document that says so. Returns
+        only if the bucket turns out not to exist, so that it is created.
+        """
+        try:
+            self.s3.list_objects(Bucket=self.bucket, MaxKeys=1)
+        except botocore.exceptions.ClientError as exc:
+            if _code(exc) == "NoSuchBucket":
+                return
+            _raise_cloud_error("bucket check", exc)
+        except BOTO_ERRORS as exc:
+            _raise_cloud_error("bucket check", exc)
+        _raise_cloud_error("bucket check", head_error)
+
+    def _create_bucket(self) -> None:
+        """CreateBucket (step "bucket create"); with `region` as location constraint if asked."""
         try:
             self.s3.create_bucket(Bucket=self.bucket)
         except botocore.exceptions.ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code")
+            code = _code(exc)
+            if code == "IllegalLocationConstraintException" and self.cfg.region != US_EAST_1:
+                # An AWS-style S3 outside us-east-1 wants its region named; Eucalyptus never
+                # asks, so it still gets the request it always got.
+                self._create_bucket_in_region()
+                return
             if code != "BucketAlreadyOwnedByYou":
                 _raise_cloud_error("bucket create", exc)
-        except botocore.exceptions.BotoCoreError as exc:
+        except BOTO_ERRORS as exc:
             _raise_cloud_error("bucket create", exc)
         log.info("created bucket %s", self.bucket)
+
+    def _create_bucket_in_region(self) -> None:
+        location = {"LocationConstraint": self.cfg.region}
+        try:
+            self.s3.create_bucket(Bucket=self.bucket, CreateBucketConfiguration=location)
+        except botocore.exceptions.ClientError as exc:
+            if _code(exc) != "BucketAlreadyOwnedByYou":
+                _raise_cloud_error("bucket create", exc)
+        except BOTO_ERRORS as exc:
+            _raise_cloud_error("bucket create", exc)
+        log.info("created bucket %s in region %s", self.bucket, self.cfg.region)
 
     def put_object(self, key: str, data: bytes, *, step: str) -> None:
         """Upload one object with the `aws-exec-read` canned ACL."""
@@ -156,7 +242,7 @@ class Cloud:
             if exc.response.get("Error", {}).get("Code") == "NoSuchBucket":
                 return []
             _raise_cloud_error("list", exc)
-        except botocore.exceptions.BotoCoreError as exc:
+        except BOTO_ERRORS as exc:
             _raise_cloud_error("list", exc)
         return keys
 
@@ -222,7 +308,7 @@ class Cloud:
             for image_id in image_ids:
                 found.update(self.describe([image_id]))
             return found
-        except botocore.exceptions.BotoCoreError as exc:
+        except BOTO_ERRORS as exc:
             _raise_cloud_error("DescribeImages", exc)
         return {
             image["ImageId"]: ImageState(
@@ -266,7 +352,7 @@ class Cloud:
             if code.startswith("InvalidAMIID"):
                 return
             _raise_cloud_error("DeregisterImage", exc)
-        except botocore.exceptions.BotoCoreError as exc:
+        except BOTO_ERRORS as exc:
             _raise_cloud_error("DeregisterImage", exc)
         log.info("deregistered %s", image_id)
 
@@ -274,7 +360,7 @@ class Cloud:
         """Ids of the images registered under `name` (step "DescribeImages")."""
         try:
             response = self.ec2.describe_images(Filters=[{"Name": "name", "Values": [name]}])
-        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+        except BOTO_ERRORS as exc:
             _raise_cloud_error("DescribeImages", exc)
         # The filter is the cloud's; the check is ours.
         return [str(i["ImageId"]) for i in response.get("Images", []) if i.get("Name") == name]

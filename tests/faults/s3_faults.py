@@ -98,12 +98,14 @@ class S3Faults:
             return None
         key = urlsplit(path).path.rstrip("/")  # path-style: /services/objectstorage/bucket/...
         last = key.rsplit("/", 1)[-1]
-        if key.count("/") == 3:  # /services/objectstorage/<bucket>
-            return "bucket create"
+        # Objects first: without a service prefix (SeaweedFS) /<bucket>/<folder>/<file> has
+        # as many slashes as /services/objectstorage/<bucket>.
         if ".part." in last:
             return "part upload"
         if last.endswith(".manifest.xml"):
             return "manifest upload"
+        if key.count("/") == 3:  # /services/objectstorage/<bucket>
+            return "bucket create"
         return None
 
     def close(self) -> None:

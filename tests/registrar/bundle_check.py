@@ -89,8 +89,13 @@ def check_bundle(
     signed: bool,
     user_copy: bool = True,
     out: Path | None = None,
+    acl: bool = True,
 ) -> CheckedBundle:
-    """Check the bundle whose manifest is at `location` ("bucket/folder/x.manifest.xml")."""
+    """Check the bundle whose manifest is at `location` ("bucket/folder/x.manifest.xml").
+
+    `acl=False` skips the canned-ACL check, for an S3 that keeps no ACLs (SeaweedFS) and is
+    not behind the recording proxy.
+    """
     bucket, _, manifest_key = location.partition("/")
     folder = manifest_key.rpartition("/")[0]
     xml = _get(cloud, bucket, manifest_key)
@@ -174,9 +179,9 @@ def check_bundle(
     )
 
     # ACL: every object PUT under this bundle's folder carried aws-exec-read.
-    puts = [(path, acl) for method, path, acl in cloud.s3_requests if method == "PUT"]
-    keys_put = {path.partition(f"/{bucket}/")[2]: acl for path, acl in puts}
-    for key in [*part_keys, manifest_key]:
+    puts = [(path, canned) for method, path, canned in cloud.s3_requests if method == "PUT"]
+    keys_put = {path.partition(f"/{bucket}/")[2]: canned for path, canned in puts}
+    for key in [*part_keys, manifest_key] if acl else []:
         _require(keys_put.get(key) == "aws-exec-read", f"{key} was not put with aws-exec-read")
 
     _check_signature(xml, root, cloud, signed)

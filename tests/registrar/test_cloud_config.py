@@ -141,6 +141,13 @@ def test_unreadable_eucarc(tmp_path: Path) -> None:
         load(tmp_path, '[cloud]\neucarc = "missing/eucarc"\n')
 
 
+# What the recording proxy reads of a manifest (its type and architecture).
+MINIMAL_MANIFEST = (
+    b"<manifest><machine_configuration><architecture>x86_64</architecture>"
+    b"</machine_configuration><image><type>machine</type></image></manifest>"
+)
+
+
 def test_cloud_from_a_eucarc_with_sigv2_uploads_registers_and_cleans_up(
     cloud: StandInCloud, tmp_path: Path
 ) -> None:
@@ -159,7 +166,7 @@ def test_cloud_from_a_eucarc_with_sigv2_uploads_registers_and_cleans_up(
     remote = Cloud.from_config(config)
     remote.ensure_bucket()
     remote.ensure_bucket()  # already there and ours: fine
-    remote.put_object("f/x.manifest.xml", b"<manifest/>", step="manifest upload")
+    remote.put_object("f/x.manifest.xml", MINIMAL_MANIFEST, step="manifest upload")
     image_id = remote.register(f"{cloud.bucket}/f/x.manifest.xml", name="sigv2", arch="x86_64")
     remote.wait_available(image_id)
     assert remote.describe([image_id])[image_id].state == "available"
@@ -178,6 +185,7 @@ def test_unreachable_cloud_names_the_step(cloud: StandInCloud, tmp_path: Path) -
     config = registrar_config.load(
         cloud.write_config(tmp_path / "c.toml", s3_url="http://127.0.0.1:9", request_timeout=2)
     )
-    with pytest.raises(CloudError, match="^bucket create: ") as caught:
+    # The first request is the bucket check (HEAD), so that is the step that fails.
+    with pytest.raises(CloudError, match="^bucket check: cannot connect to ") as caught:
         Cloud.from_config(config).ensure_bucket()
-    assert caught.value.step == "bucket create"
+    assert caught.value.step == "bucket check"

@@ -7,6 +7,7 @@ import tomllib
 import urllib.error
 import urllib.request
 
+import botocore.config
 import botocore.exceptions
 import pytest
 from cryptography import x509
@@ -81,6 +82,77 @@ def test_ec2_register_and_describe_through_the_recording_proxy(cloud: StandInClo
         ec2.register_image(ImageLocation="b/y.manifest.xml", Name="second")
     assert caught.value.response["Error"] == {"Code": "InvalidManifest", "Message": "bad manifest"}
     assert cloud.image_ids() == [image_id]
+    # The first call broke Eucalyptus' rules (no manifest there, no Architecture, a kernel id
+    # never registered here); the refused one was not looked at.
+    assert cloud.take_violations() == [
+        f"RegisterImage 'fixture-test': ImageLocation '{cloud.bucket}/x/x.manifest.xml'"
+        " names no uploaded manifest",
+        "RegisterImage 'fixture-test': Architecture None is not one of"
+        " ('i386', 'x86_64', 'arm64', 'armhf')",
+        "RegisterImage 'fixture-test': KernelId aki-1 on a None image",
+    ]
+
+
+def _manifest(image_type: str, arch: str = "x86_64") -> bytes:
+    return (
+        f"<manifest><machine_configuration><architecture>{arch}</architecture>"
+        f"</machine_configuration><image><type>{image_type}</type></image></manifest>"
+    ).encode()
+
+
+def test_the_proxy_checks_every_register_image_as_eucalyptus_would(cloud: StandInCloud) -> None:
+    import boto3
+
+    ec2 = boto3.client(
+        "ec2",
+        endpoint_url=cloud.ec2_url,
+        region_name=cloud.region,
+        aws_access_key_id=cloud.access_key,
+        aws_secret_access_key=cloud.secret_key,
+        # botocore itself refuses a short Name; the proxy must see what a caller sends.
+        config=botocore.config.Config(parameter_validation=False),
+    )
+    cloud.s3.create_bucket(Bucket=cloud.bucket)
+    for folder, image_type in (("k", "kernel"), ("r", "ramdisk"), ("m", "machine")):
+        cloud.s3.put_object(
+            Bucket=cloud.bucket, Key=f"{folder}/x.manifest.xml", Body=_manifest(image_type)
+        )
+
+    def register(folder: str, name: str, **more: str) -> str:
+        location = f"{cloud.bucket}/{folder}/x.manifest.xml"
+        more.setdefault("Architecture", "x86_64")
+        return ec2.register_image(ImageLocation=location, Name=name, **more)["ImageId"]
+
+    kernel, ramdisk = register("k", "kernel-1"), register("r", "ramdisk-1")
+    machine = register("m", "machine-1", KernelId=kernel, RamdiskId=ramdisk)
+    assert cloud.violations == []
+
+    duplicate = register("m", "machine-1")  # the name is taken
+    register("m", "ab")  # too short
+    register("m", "has space")
+    register("m", "m" * 129)
+    register("m", "arch-differs", Architecture="i386")
+    register("m", "kernel-swapped", KernelId=ramdisk, RamdiskId=kernel)
+    register("m", "kernel-unknown", KernelId="aki-12345678")
+    register("k", "kernel-with-kernel", KernelId=kernel)
+    assert cloud.take_violations() == [
+        f"RegisterImage 'machine-1': Name 'machine-1' is already {machine}'s",
+        "RegisterImage 'ab': Name 'ab' is not 3-128 characters of [A-Za-z0-9()./_-]",
+        "RegisterImage 'has space': Name 'has space' is not 3-128 characters of [A-Za-z0-9()./_-]",
+        f"RegisterImage '{'m' * 129}': Name '{'m' * 129}' is not 3-128 characters of"
+        " [A-Za-z0-9()./_-]",
+        "RegisterImage 'arch-differs': Architecture 'i386' differs from the manifest's 'x86_64'",
+        f"RegisterImage 'kernel-swapped': KernelId {ramdisk} is not a kernel registered here",
+        f"RegisterImage 'kernel-swapped': RamdiskId {kernel} is not a ramdisk registered here",
+        "RegisterImage 'kernel-unknown': KernelId aki-12345678 is not a kernel registered here",
+        f"RegisterImage 'kernel-with-kernel': KernelId {kernel} on a kernel image",
+    ]
+
+    # A deregistered image's name is free again.
+    ec2.deregister_image(ImageId=machine)
+    ec2.deregister_image(ImageId=duplicate)
+    register("m", "machine-1", KernelId=kernel)
+    assert cloud.violations == []
 
 
 def test_certificates_load_and_keys_match(cloud: StandInCloud) -> None:

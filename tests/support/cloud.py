@@ -26,6 +26,17 @@ proxy of ours in front of moto, at Eucalyptus' own paths (`/services/objectstora
 - `cloud.expect_parallel_parts(n)`: part uploads wait until n are in flight at once (then
   `cloud.parallel_parts_result` is "tripped"), or give up after a timeout ("broken").
 
+moto's RegisterImage looks at nothing, so the proxy checks every one that it forwards the way
+Eucalyptus would, and records each breach in `cloud.violations`; the `cloud` fixture fails the
+test at teardown if there is any (a test of the checks themselves takes them with
+`cloud.take_violations()`). A RegisterImage must name, in `ImageLocation`, a `*.manifest.xml`
+that is in the bucket at that moment (read from moto, or from the S3 given to
+`cloud.read_manifests_from(client)`); its `Architecture` must be the manifest's and one of
+ARCHITECTURES; `KernelId`/`RamdiskId` only on a machine image, each an id this cloud returned
+for a kernel (ramdisk) manifest in this test; its `Name` 3–128 characters of
+`[A-Za-z0-9()./_-]` and not the name of an image still registered (except one whose answer the
+proxy itself lost: the registrar could not know of it).
+
 `cloud.s3` and `cloud.ec2` are boto3 clients for the tests' own checks, straight to moto
 (`cloud.endpoint_url`). Keys: `cloud.cloud_cert`/`cloud.cloud_key` stand for the
 Eucalyptus cloud certificate and its private key (which only the cloud has; tests use it to
@@ -49,17 +60,19 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import boto3
 import botocore.config
+import botocore.exceptions
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
+from lxml import etree
 
 ACCOUNT_ID = "123456789012"  # moto's default account
 ACCESS_KEY = "testing"
@@ -68,6 +81,10 @@ REGION = "us-east-1"
 # The endpoint paths of Eucalyptus 4.x (objectstorage, compute) and 3.x (Walrus, Eucalyptus).
 S3_PATH, EC2_PATH = "/services/objectstorage", "/services/compute"
 SERVICE_PATHS = (S3_PATH, EC2_PATH, "/services/Walrus", "/services/Eucalyptus")
+# What Eucalyptus (and EC2) accept as an image's architecture.
+ARCHITECTURES = ("i386", "x86_64", "arm64", "armhf")
+IMAGE_NAME = re.compile(r"[A-Za-z0-9()./_-]{3,128}")
+_IMAGE_ID = re.compile(rb"<imageId>([^<]+)</imageId>")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +202,12 @@ class RecordingProxy:
         self.part_barrier: threading.Barrier | None = None
         self.part_barrier_timeout = 30.0
         self.part_barrier_result: str | None = None  # "tripped" or "broken"
+        # The RegisterImage checks (see the module docstring); all guarded by _lock.
+        self.violations: list[str] = []
+        self.image_types: dict[str, str] = {}  # image id -> manifest type, as moto answered
+        self.live_names: dict[str, set[str]] = {}  # name -> ids of images still registered
+        self.lost_names: set[str] = set()  # registered, but the proxy lost the answer
+        self.read_object: Callable[[str, str], bytes | None] = self._read_from_moto
         self._lock = threading.Lock()
         proxy = self
 
@@ -238,6 +261,11 @@ class RecordingProxy:
             self.image_state = None
             self.part_barrier = None
             self.part_barrier_result = None
+            self.violations.clear()
+            self.image_types.clear()
+            self.live_names.clear()
+            self.lost_names.clear()
+            self.read_object = self._read_from_moto
 
     def _handle(self, handler: http.server.BaseHTTPRequestHandler) -> None:
         length = int(handler.headers.get("Content-Length") or 0)
@@ -275,6 +303,7 @@ class RecordingProxy:
             return
         if handler.command == "PUT" and ".part." in handler.path:
             self._wait_at_part_barrier()
+        image_type = self._check_register_image(params) if action == "RegisterImage" else None
         conn = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=60)
         try:
             headers = {k: v for k, v in handler.headers.items() if k.lower() != "connection"}
@@ -297,6 +326,8 @@ class RecordingProxy:
             }
             if held is not None:
                 held.wait(timeout=120)
+            if response.status == 200:
+                self._note_success(action, params, image_type, data, lost=lost)
             if lost:
                 data = _ec2_error("ServiceUnavailable", "answer lost by the stand-in")
                 with contextlib.suppress(OSError):
@@ -314,6 +345,81 @@ class RecordingProxy:
                 )
         finally:
             conn.close()
+
+    def _read_from_moto(self, bucket: str, key: str) -> bytes | None:
+        """An object straight from moto's S3, or None."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=60)
+        try:
+            # moto routes by the credential scope; it checks no signature.
+            auth = (
+                f"AWS4-HMAC-SHA256 Credential={ACCESS_KEY}/20260101/{REGION}/s3/aws4_request,"
+                " SignedHeaders=host, Signature=0"
+            )
+            conn.request(
+                "GET", f"/{bucket}/{urllib.parse.quote(key)}", headers={"Authorization": auth}
+            )
+            response = conn.getresponse()
+            data = response.read()
+            return data if response.status == 200 else None
+        finally:
+            conn.close()
+
+    def _check_register_image(self, params: dict[str, str]) -> str | None:
+        """Record what Eucalyptus would refuse in this RegisterImage; return the manifest type."""
+        problems: list[str] = []
+        name = params.get("Name", "")
+        location = params.get("ImageLocation", "")
+        bucket, _, key = location.partition("/")
+        manifest = self.read_object(bucket, key) if key.endswith(".manifest.xml") else None
+        image_type = arch = None
+        if manifest is None:
+            problems.append(f"ImageLocation {location!r} names no uploaded manifest")
+        else:
+            try:
+                root = etree.fromstring(manifest)
+                image_type = root.findtext("image/type")
+                arch = root.findtext("machine_configuration/architecture")
+            except etree.XMLSyntaxError as exc:
+                problems.append(f"the manifest at {location!r} is not XML: {exc}")
+        given_arch = params.get("Architecture")
+        if given_arch not in ARCHITECTURES:
+            problems.append(f"Architecture {given_arch!r} is not one of {ARCHITECTURES}")
+        elif manifest is not None and given_arch != arch:
+            problems.append(f"Architecture {given_arch!r} differs from the manifest's {arch!r}")
+        if not IMAGE_NAME.fullmatch(name):
+            problems.append(f"Name {name!r} is not 3-128 characters of [A-Za-z0-9()./_-]")
+        with self._lock:
+            if self.live_names.get(name) and name not in self.lost_names:
+                taken_by = ", ".join(sorted(self.live_names[name]))
+                problems.append(f"Name {name!r} is already {taken_by}'s")
+            for param, wanted in (("KernelId", "kernel"), ("RamdiskId", "ramdisk")):
+                given = params.get(param)
+                if given is None:
+                    continue
+                if image_type != "machine":
+                    problems.append(f"{param} {given} on a {image_type} image")
+                elif self.image_types.get(given) != wanted:
+                    problems.append(f"{param} {given} is not a {wanted} registered here")
+            self.violations += [f"RegisterImage {name!r}: {problem}" for problem in problems]
+        return image_type
+
+    def _note_success(
+        self, action: str, params: dict[str, str], image_type: str | None, data: bytes, lost: bool
+    ) -> None:
+        """Keep the ids, types and names that moto's answers established."""
+        with self._lock:
+            if action == "RegisterImage":
+                match = _IMAGE_ID.search(data)
+                if match and image_type:
+                    self.image_types[match.group(1).decode()] = image_type
+                if match:
+                    name = params.get("Name", "")
+                    self.live_names.setdefault(name, set()).add(match.group(1).decode())
+                if lost:
+                    self.lost_names.add(params.get("Name", ""))
+            elif action == "DeregisterImage":
+                for ids in self.live_names.values():
+                    ids.discard(params.get("ImageId", ""))
 
     def _wait_at_part_barrier(self) -> None:
         """Hold part uploads until `parties` of them are in flight at once (one-shot)."""
@@ -486,6 +592,35 @@ class StandInCloud:
         with self._server.proxy._lock:
             return self._server.proxy.part_barrier_result
 
+    @property
+    def violations(self) -> list[str]:
+        """What the proxy found wrong in the RegisterImage calls so far (see the docstring)."""
+        with self._server.proxy._lock:
+            return list(self._server.proxy.violations)
+
+    def take_violations(self) -> list[str]:
+        """The violations so far, cleared (for tests that break the rules on purpose)."""
+        with self._server.proxy._lock:
+            taken = list(self._server.proxy.violations)
+            self._server.proxy.violations.clear()
+        return taken
+
+    def read_manifests_from(self, s3: Any) -> None:
+        """Check RegisterImage's ImageLocation against this boto3 S3 client, not moto."""
+
+        def read(bucket: str, key: str) -> bytes | None:
+            try:
+                return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+            except s3.exceptions.NoSuchKey:
+                return None
+            except botocore.exceptions.ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("NoSuchBucket", "404"):
+                    return None
+                raise
+
+        with self._server.proxy._lock:
+            self._server.proxy.read_object = read
+
     # --- S3 inspection ---
 
     def bucket_keys(self, bucket: str | None = None) -> list[str]:
@@ -633,8 +768,15 @@ def cloud_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudServ
 
 
 @pytest.fixture
-def cloud(cloud_server: CloudServer) -> StandInCloud:
-    """A clean stand-in cloud: moto reset, proxy record cleared, a bucket name of its own."""
+def cloud(cloud_server: CloudServer) -> Iterator[StandInCloud]:
+    """A clean stand-in cloud: moto reset, proxy record cleared, a bucket name of its own.
+
+    At teardown, any RegisterImage that broke Eucalyptus' rules fails the test.
+    """
     cloud_server.moto.reset()
     cloud_server.proxy.clear()
-    return StandInCloud(cloud_server, f"imageproxy-test-{os.getpid()}-{next(_bucket_numbers)}")
+    stand_in = StandInCloud(cloud_server, f"imageproxy-test-{os.getpid()}-{next(_bucket_numbers)}")
+    yield stand_in
+    violations = stand_in.take_violations()
+    if violations:
+        pytest.fail("RegisterImage calls Eucalyptus would refuse:\n" + "\n".join(violations))
