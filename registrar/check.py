@@ -114,6 +114,7 @@ def check(
     url = check_url(url, "metadata URL")
     sha1 = check_signature(signature, "metadata signature")
     result = CheckResult(url, sha1)
+    result.notes.extend(_address_notes(url))
     # No address policy and no cache; Accept-Encoding identity: the SHA-1 covers the bytes as
     # stored, which a transparently gzipping server would otherwise change.
     with httpx.Client(
@@ -123,6 +124,9 @@ def check(
         if images is None:
             return result
         for part in sorted(_parts(images), key=lambda p: _ORDER.get(p.type, 9)):
+            for note in _address_notes(part.url):
+                if note not in result.notes:
+                    result.notes.append(note)
             result.parts.append(_check_part(client, part, quick, progress))
     return result
 
@@ -181,7 +185,6 @@ def _check_part(
     client: httpx.Client, part: Part, quick: bool, progress: Progress | None
 ) -> PartResult:
     found = PartResult(part.type, part.url, part.sha1)
-    found.notes.extend(_address_notes(part.url))
     try:
         _probe(client, found)
     except _Failed as exc:
@@ -271,7 +274,7 @@ def _download(
     if examined.problem is not None:
         found.problems.append(examined.problem)
     elif examined.content is not None:
-        mistake = type_mistake(found.type, examined.content)
+        mistake = type_mistake(found.type, examined.content, found.content)
         if mistake:
             found.problems.append(mistake)
 
@@ -293,12 +296,12 @@ def _identify(client: httpx.Client, found: PartResult) -> None:
         found.problems.append(mistake)
 
 
-def type_mistake(declared: str, content: imagefile.Content) -> str | None:
-    """Why a file holding `content` must not be declared `declared`, or None."""
+def type_mistake(declared: str, content: imagefile.Content, what: str = "") -> str | None:
+    """Why a file holding `content` (`what`, in words) must not be declared `declared`."""
     actual = content.kind
     if declared == actual:
         return None
-    what = content.describe()
+    what = what or content.describe()
     if actual == QCOW2:
         return f"declared {declared}, but the file is a qcow2 image: declare it QCOW2"
     if declared == QCOW2:

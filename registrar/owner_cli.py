@@ -223,7 +223,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"problem: {problem}")
     if problems:
-        print(f"verdict: REFUSED - {len(problems)} problem(s); no site would register it as is")
+        print(f"verdict: NOT READY - {len(problems)} problem(s) above; fix them and check again")
         return EXIT_FAILED
     checked = "probed (--quick)" if args.quick else "downloaded and verified"
     print(f"verdict: OK - every site would register it ({len(result.parts)} file(s) {checked})")
