@@ -11,6 +11,7 @@ SYSTEM_PACKAGES=(
     systemd                         # systemd-analyze verify of our units
     rclone httpdirfs                # competitors measured by benchmarks/bench_read.py
     openssl                         # the euca2ools pipeline measured by benchmarks/bench_bundle.py
+    qemu-utils                      # qemu-img: real qcow2 images for the QCOW2 tests
 )
 
 ensure_system_packages() {
