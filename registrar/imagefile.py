@@ -103,7 +103,8 @@ def human_size(n: int) -> str:
 
 
 class HashingReader(io.RawIOBase):
-    """Reads through `source`, hashing every byte and counting it (and telling `progress`)."""
+    """Reads through `source` (anything with `readinto`), hashing and counting every byte (and
+    telling `progress`); bytes land in the caller's buffer directly, copied once."""
 
     def __init__(self, source: BinaryIO, progress: Callable[[int], None] | None = None) -> None:
         self._source = source
@@ -115,11 +116,9 @@ class HashingReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        data = self._source.read(len(buffer))
-        n = len(data)
-        buffer[:n] = data
+        n = self._source.readinto(buffer) or 0  # type: ignore[attr-defined]
         if n:
-            self._sha1.update(data)
+            self._sha1.update(memoryview(buffer)[:n])
             self.count += n
             if self._progress is not None:
                 self._progress(n)
