@@ -108,6 +108,10 @@ class RegistrationFailed(RegistrarError):
 
 
 class PublishError(InputError):
-    """Raised when files cannot be published as given: the registrar would refuse them (an
-    unknown compression, a tar without a usable member, an empty file), or the arguments do not
-    make a metadata file (no image, two files with one name, a bad base URL)."""
+    """Raised when files cannot be published because the registrar would refuse them (an
+    unknown compression, a tar without a usable member, an empty or corrupt file)."""
+
+
+class PublishUsage(InputError):
+    """Raised when `registrar publish`'s arguments make no metadata file (no image, two files
+    with one name, a bad base URL or name)."""

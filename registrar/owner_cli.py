@@ -5,8 +5,8 @@ adds both; for them `args.owner_command` is set, and `run(args)` runs it and ret
 code. Output goes to stdout; progress bars (on a terminal) and errors to stderr.
 
 Exit codes:
-- publish: 0 written; 1 the registrar would refuse the files (nothing written); 2 bad usage or
-  a file that cannot be read.
+- publish: 0 written; 1 the registrar would refuse the files (nothing written); 2 bad usage
+  (PublishUsage) or a file that cannot be read.
 - check: 0 every site would accept the image; 1 it would not (the reasons are printed);
   2 bad usage (a URL or SHA-1 that is not one).
 """

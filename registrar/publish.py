@@ -36,7 +36,7 @@ from isal import igzip
 from lxml import etree
 
 from registrar import imagefile
-from registrar.errors import InputError, PublishError
+from registrar.errors import InputError, PublishError, PublishUsage
 from registrar.imagefile import QCOW2, Examined
 from registrar.metadata import FILESYSTEM, KERNEL, RAMDISK, ZFILESYSTEM, check_url
 from registrar.metadata import parse as parse_metadata
@@ -95,7 +95,7 @@ def default_name(path: Path) -> str:
 
 def _check_name(name: str) -> str:
     if not _NAME.fullmatch(name):
-        raise PublishError(
+        raise PublishUsage(
             f"name {name!r} cannot be a file name in a URL: use letters, digits and . _ + - "
             "(give --name)"
         )
@@ -107,9 +107,9 @@ def _base_url(value: str) -> str:
     try:
         check_url(base + "/x", "--base-url")
     except InputError as exc:
-        raise PublishError(str(exc)) from exc
+        raise PublishUsage(str(exc)) from exc
     if "?" in base or "#" in base:
-        raise PublishError(f"--base-url {base!r} must not have a query or a fragment")
+        raise PublishUsage(f"--base-url {base!r} must not have a query or a fragment")
     return base
 
 
@@ -126,12 +126,12 @@ def publish(
 ) -> Published:
     """Hash and type each file, write `out_dir/NAME.xml`, and say where it goes.
 
-    Raises PublishError (nothing written) for what the registrar would refuse or for arguments
-    that make no metadata file; OSError for a file that cannot be read or written.
+    Raises PublishError (nothing written) for what the registrar would refuse, PublishUsage for
+    arguments that make no metadata file, OSError for a file that cannot be read or written.
     """
     base = _base_url(base_url)
     if image is None and qcow2 is None:
-        raise PublishError("nothing to publish: give an IMAGE (or --tar, or --qcow2)")
+        raise PublishUsage("nothing to publish: give an IMAGE (or --tar, or --qcow2)")
     name = _check_name(name or default_name(image or qcow2))  # type: ignore[arg-type]
     metadata_name = f"{name}.xml"
     given = [
@@ -142,7 +142,7 @@ def publish(
     names = [p.name for p, _ in given] + [metadata_name]
     for file_name in names:
         if names.count(file_name) > 1:
-            raise PublishError(
+            raise PublishUsage(
                 f"two files are named {file_name!r}: each would have the URL {base}/"
                 f"{quote(file_name)}; rename one (or give --name)"
             )
@@ -150,7 +150,7 @@ def publish(
         files = [_examine(path, role, base, progress) for path, role in given]
     types = [f.type for f in files]
     if types.count(QCOW2) > 1:
-        raise PublishError("IMAGE is a qcow2 image and so is --qcow2: a metadata file lists one")
+        raise PublishUsage("IMAGE is a qcow2 image and so is --qcow2: a metadata file lists one")
     xml = metadata_xml(files)
     metadata_url = f"{base}/{quote(metadata_name)}"
     try:
@@ -248,21 +248,21 @@ def make_tarball(source: Path, out_dir: Path, name: str, progress: Progress | No
     """Write `out_dir/NAME.tgz`: a gzip tar with one sparse member named `filesystem`.
 
     `source` is a directory holding a file named `filesystem` (as imgcapture.sh leaves it) or
-    the raw image file itself, whatever its name. Raises PublishError if it is neither or tar
-    fails; nothing is left behind then.
+    the raw image file itself, whatever its name. Raises PublishUsage if it is neither,
+    PublishError if tar fails; nothing is left behind then.
     """
     source = source.resolve()
     if source.is_dir():
         member = source / TAR_MEMBER
         if not member.is_file():
-            raise PublishError(f"--tar {source}: the directory holds no file named {TAR_MEMBER!r}")
+            raise PublishUsage(f"--tar {source}: the directory holds no file named {TAR_MEMBER!r}")
     elif source.is_file():
         member = source
     else:
-        raise PublishError(f"--tar {source}: no such file or directory")
+        raise PublishUsage(f"--tar {source}: no such file or directory")
     tar = shutil.which("tar")
     if tar is None:
-        raise PublishError("--tar needs GNU tar, which is not installed")
+        raise PublishUsage("--tar needs GNU tar, which is not installed")
     dest = out_dir / f"{_check_name(name)}.tgz"
     # GNU format: its sparse member is what imgcapture.sh's `tar -S` wrote, and what the
     # registrar reads. --transform names the member `filesystem` whatever the file's name.

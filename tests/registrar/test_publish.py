@@ -213,24 +213,35 @@ def test_what_the_registrar_would_refuse_is_refused_with_one_line(
         capsys, tmp_path, "--qcow2", str(not_qcow2), str(image_factory.compressed("gz", FS_MIB))
     )
 
-    gz = image_factory.compressed("gz", FS_MIB)
-    kernel = tmp_path / "k" / gz.name
-    kernel.parent.mkdir()
-    kernel.write_bytes(b"k" * 100)
-    assert f"two files are named {gz.name!r}" in _refused(
-        capsys, tmp_path, "--kernel", str(kernel), str(gz)
-    )
-
 
 def test_usage_mistakes_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, _, err = run(capsys, "publish", "--base-url", BASE, str(tmp_path / "missing.img"))
     assert code == 2 and "missing.img: no such file" in err
     code, _, err = run(capsys, "publish", "--base-url", BASE)
-    assert code == 1 and "nothing to publish" in err
+    assert code == 2 and "nothing to publish" in err
     image = tmp_path / "fs.img"
     image.write_bytes(b"x" * 1024)
     code, _, err = run(capsys, "publish", "--base-url", "ftp://example.org", str(image))
-    assert code == 1 and "only http and https are accepted" in err
+    assert code == 2 and "only http and https are accepted" in err
+    kernel = tmp_path / "k" / image.name
+    kernel.parent.mkdir()
+    kernel.write_bytes(b"k" * 100)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    code, _, err = run(
+        capsys, "publish", "--base-url", BASE, "--out", str(out_dir), "--kernel", str(kernel),
+        str(image),
+    )  # fmt: skip
+    assert (
+        code == 2 and f"two files are named 'fs.img': each would have the URL {BASE}/fs.img" in err
+    )
+    code, _, err = run(
+        capsys, "publish", "--base-url", BASE, "--out", str(out_dir), "--tar", str(tmp_path / "k")
+    )
+    assert code == 2 and "the directory holds no file named 'filesystem'" in err
+    code, _, err = run(capsys, "publish", "--base-url", BASE, "--tar", str(out_dir), str(image))
+    assert code == 2 and "give IMAGE or --tar, not both" in err
+    assert list(out_dir.iterdir()) == []
 
 
 def test_a_qcow2_image_is_published_as_qcow2_and_passes_check(
