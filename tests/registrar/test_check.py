@@ -238,3 +238,13 @@ def test_a_qcow2_declared_filesystem_is_refused(
 
     assert code == 1
     assert "problem: FILESYSTEM: declared FILESYSTEM, but the file is a qcow2 image" in out
+
+
+def test_unreachable_metadata_is_caught(capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"http://127.0.0.1:{free_port()}/centos7.xml"  # nothing listens there
+
+    code, out, err = run(capsys, "check", url, "0" * 40)
+
+    assert (code, err) == (1, "")
+    assert f"problem: metadata at {url}: unreachable from here (" in out
+    assert "verdict: NOT READY - 1 problem(s) above" in out
