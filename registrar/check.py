@@ -320,7 +320,8 @@ def type_mistake(declared: str, content: imagefile.Content, what: str = "") -> s
 
 def _expect(resp: httpx.Response, status: int) -> None:
     if resp.status_code != status:
-        raise _Failed(f"HTTP {resp.status_code} {resp.reason_phrase}".rstrip())
+        hint = " (is the file uploaded under this name?)" if resp.status_code == 404 else ""
+        raise _Failed(f"HTTP {resp.status_code} {resp.reason_phrase}".rstrip() + hint)
 
 
 def _describe(exc: httpx.HTTPError) -> str:

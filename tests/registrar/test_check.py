@@ -248,3 +248,17 @@ def test_unreachable_metadata_is_caught(capsys: pytest.CaptureFixture[str]) -> N
     assert (code, err) == (1, "")
     assert f"problem: metadata at {url}: unreachable from here (" in out
     assert "verdict: NOT READY - 1 problem(s) above" in out
+
+
+def test_a_file_not_uploaded_is_caught(
+    capsys: pytest.CaptureFixture[str], origin: Origin, image_factory: ImageFactory, tmp_path: Path
+) -> None:
+    files = _kernel_ramdisk(image_factory)
+    published = publish_to(origin, tmp_path / "img", image_factory.ext4(FS_MIB), **files)
+    origin.remove(f"img/{files['ramdisk'].name}")
+
+    code, out, _ = run(capsys, "check", published.metadata_url, published.metadata_sha1)
+
+    assert code == 1
+    assert "problem: RAMDISK: HTTP 404 Not Found (is the file uploaded under this name?)" in out
+    assert out.count("problem:") == 1
