@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from registrar import config as registrar_config
-from registrar import service_cli
+from registrar import owner_cli, service_cli
 from registrar.errors import (
     ConfigError,
     DecompressError,
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     service_cli.add_subcommands(sub)
     _add_install_image(sub)
+    owner_cli.add_subcommands(sub)
     return parser
 
 
@@ -108,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "install-image":
         return _install_image(args)
+    if hasattr(args, "owner_command"):
+        return owner_cli.run(args)
     return service_cli.run(args)
 
 
@@ -160,7 +163,9 @@ def _install_image(args: argparse.Namespace) -> int:
             return _error(str(exc), EXIT_FAILED, debug)
         return _error(str(exc), EXIT_USAGE, debug)
     except RegistrarError as exc:
-        return _error(str(exc), EXIT_FAILED, debug)
+        # A failed cleanup is noted on the error: say it on the same line.
+        notes = "".join(f"; {note}" for note in getattr(exc, "__notes__", ()))
+        return _error(f"{exc}{notes}", EXIT_FAILED, debug)
     except KeyboardInterrupt:
         return _error("interrupted; what was uploaded has been removed", 130)
     print(installed.image_id)

@@ -107,3 +107,16 @@ class RegistrationFailed(RegistrarError):
     """Raised when bundling, uploading or registering one image of a set fails; the message
     names the image and its URL, then the cause (a BundleError or CloudError, kept as
     `__cause__`, whose own message names the step)."""
+
+
+# --- image owners' commands (registrar/publish.py, imagefile.py, check.py) ---
+
+
+class PublishError(InputError):
+    """Raised when files cannot be published because the registrar would refuse them (an
+    unknown compression, a tar without a usable member, an empty or corrupt file)."""
+
+
+class PublishUsage(InputError):
+    """Raised when `registrar publish`'s arguments make no metadata file (no image, two files
+    with one name, a bad base URL or name)."""

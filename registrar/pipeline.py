@@ -8,11 +8,14 @@ The SOAP service and `install-image` both register through here; the cloud is a
 1. `backend.plan` names where the image's objects will go (a bundle folder, an image name).
 2. `hooks.placed(placement)` records it before anything is made (the service writes it into the
    registry's job row), so whatever a crash leaves can be found and removed.
-3. `backend.register` stores and registers the image and waits until it is usable; it calls
-   `hooks.registered(id)` as soon as the cloud has named the image.
-4. On any failure, `backend.undo` removes what the job made, and the original error is raised.
-   If the undo itself fails, `hooks.abandoned(error)` is called (the service marks the job for
-   the next start to clean up) and the undo's failure is noted on the original error.
+3. `backend.register` stores and registers the image and waits until it is usable; it says
+   when it first writes to the cloud, and calls `hooks.registered(id)` as soon as the cloud has
+   named the image.
+4. On any failure after that first write, `backend.undo` removes what the job made, and the
+   original error is raised. (A failure before it, such as refused credentials at the bucket
+   check, made nothing to remove.) If the undo itself fails, the undo's failure is noted on the
+   original error and `hooks.abandoned(error)` is called: the service marks the job for the
+   next start to clean up.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ def register_part(
     placement = backend.plan(request, reusable)
     hooks.placed(placement)
     image_ids: list[str] = []
+    started: list[bool] = []
 
     def on_id(image_id: str) -> None:
         image_ids.append(image_id)
@@ -65,12 +69,14 @@ def register_part(
             open_source,
             request,
             placement,
+            on_start=lambda: started.append(True),
             on_id=on_id,
             slot=slot if slot is not None else contextlib.nullcontext(),
             progress=progress,
         )
     except BaseException as exc:
-        _undo(backend, placement, image_ids[-1] if image_ids else None, exc, hooks)
+        if started or image_ids:
+            _undo(backend, placement, image_ids[-1] if image_ids else None, exc, hooks)
         raise
     return done, placement
 
@@ -86,7 +92,7 @@ def _undo(
     try:
         backend.undo(placement, image_id)
     except CloudError as exc:
-        log.error("cleanup of %s after a failure (%s) failed too: %s", placement.folder, cause, exc)
+        # Not logged here: the caller says it once (the service, with what happens next).
         cause.add_note(f"cleanup failed too: {exc}")
         hooks.abandoned(exc)
         return

@@ -547,7 +547,7 @@ class Service:
         hooks = JobHooks(
             placed=lambda p: self.registry.record_bundle(key, p.location, p.folder, p.manifest),
             registered=lambda image_id: self.registry.record_image_id(key, image_id),
-            abandoned=lambda _exc: self.registry.abandon(key, owner),
+            abandoned=lambda exc: self._abandon(key, owner, exc),
         )
         sizes: list[int] = []
         report = None
@@ -591,6 +591,10 @@ class Service:
         self.metrics.bundle_uploaded(registered.source_bytes, registered.stored_bytes)
         log.info("%s: registered %s as %s", key, part.url, registered.image_id)
         return registered.image_id
+
+    def _abandon(self, key: str, owner: str, exc: CloudError) -> None:
+        log.error("%s: cleanup failed (%s); will retry at the next claim", key, exc)
+        self.registry.abandon(key, owner)
 
     @contextmanager
     def _source(

@@ -7,7 +7,7 @@ service and for `install-image`:
 
     placement = backend.plan(request, reusable)     # where the image's objects will go
     # ... the caller records the placement (so a crash can be cleaned up), then:
-    done = backend.register(open_source, request, placement, on_id=..., slot=..., progress=...)
+    done = backend.register(open_source, request, placement, on_start=..., on_id=..., slot=...)
     backend.undo(placement, image_id)               # after a failure, or for an abandoned job
     backend.states(ids)                             # which images still exist, and how
     backend.discard(placement, shared=...)          # leftovers of an image the cloud lost
@@ -97,13 +97,15 @@ class Backend(Protocol):
         request: PartRequest,
         placement: Placement,
         *,
+        on_start: Callable[[], None],
         on_id: Callable[[str], None],
         slot: contextlib.AbstractContextManager[object],
         progress: Progress | None = None,
     ) -> Registered:
         """Store and register the image, and wait until it is usable.
 
-        Calls `on_id` as soon as the cloud has given the image an id. Holds `slot` while it
+        Calls `on_start` just before its first write to the cloud (nothing to undo before it)
+        and `on_id` as soon as the cloud has given the image an id. Holds `slot` while it
         streams (the CPU- and memory-heavy part), not while it waits.
         """
         ...

@@ -113,15 +113,18 @@ class Eucalyptus:
         request: PartRequest,
         placement: Placement,
         *,
+        on_start: Callable[[], None],
         on_id: Callable[[str], None],
         slot: contextlib.AbstractContextManager[object],
         progress: Progress | None = None,
     ) -> Registered:
         """Bundle, upload, register and wait; or, for a shared placement, add a manifest."""
         if placement.manifest is not None:
+            on_start()
             return self._register_beside(request, placement, on_id)
         name = names.validate(request.name) if request.name else placement.folder
-        upload = self.cloud.start_upload(placement.folder)
+        upload = self.cloud.start_upload(placement.folder)  # checks (or creates) the bucket
+        on_start()
         try:
             # The slot bounds the CPU and memory of bundling; waiting for "available" holds none.
             with slot, open_source() as (source, _size):

@@ -12,6 +12,7 @@ SYSTEM_PACKAGES=(
     rclone httpdirfs                # competitors measured by benchmarks/bench_read.py
     openssl                         # the euca2ools pipeline measured by benchmarks/bench_bundle.py
     openjdk-17-jdk-headless         # the ORCA client (Java) whose log lines the tests check
+    qemu-utils                      # qemu-img: real qcow2 images for the QCOW2 tests
 )
 
 ensure_system_packages() {
