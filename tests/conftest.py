@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.support.fusemount",
     "tests.support.images",
     "tests.support.cloud",
+    "tests.support.openstack",
 ]
