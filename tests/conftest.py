@@ -10,4 +10,5 @@ pytest_plugins = [
     "tests.support.images",
     "tests.support.cloud",
     "tests.support.openstack",
+    "tests.support.glance_proxy",
 ]
