@@ -334,10 +334,15 @@ def _unquote(raw: str) -> str:
 
 
 def _expand(value: str, env: dict[str, str]) -> str:
-    def sub(match: re.Match[str]) -> str:
-        return env.get(match.group(1) or match.group(2), "")
+    """Expand `$VAR`, `${VAR}` and `${VAR:-default}` (openrc files use the last)."""
 
-    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)", sub, value)
+    def sub(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(3)
+        return env.get(name) or (match.group(2) or "")
+
+    return re.sub(
+        r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)", sub, value
+    )
 
 
 class _Keys:
