@@ -70,6 +70,7 @@ RAMDISK_ID_PROPERTY = "ramdisk_id"
 CHUNK_SIZE = 1 << 20  # one read of the source, one HTTP chunk: bounded memory, few syscalls
 DEFAULT_HASH_ALGO = "sha512"  # Glance's default `hashing_algorithm`
 FAILED_STATES = frozenset({"killed", "deleted", "pending_delete", "deactivated"})
+_IDS_PER_LIST = 50  # ids in one "id=in:…" filter: 50 UUIDs keep the URL under 2 kB
 _MAX_DETAIL = 300  # characters of a server's message kept in our one-line errors
 
 
@@ -99,15 +100,14 @@ def _one_line(text: str) -> str:
 
 
 def _glance_detail(exc: ksa.HttpError) -> str:
-    """Glance's own words. Its errors are webob pages: a title and a stock sentence, then,
-    after `<br /><br />`, the reason (for example "Image disk_format qcow2 does not match
-    stream data raw"); keep the reason, else the page's text without its repeated title."""
+    """Glance's own words. Its errors are webob pages: a title, a stock sentence, then, after
+    `<br /><br />`, the reason (for example "Image disk_format qcow2 does not match stream data
+    raw"); keep the last paragraph that has text, without the repeated title."""
     text = exc.response.text if exc.response is not None else ""
-    if "<br />" in text:
-        text = text.rsplit("<br />", 1)[1]
-    else:
-        text = re.sub(r"<title>.*?</title>|<h1>.*?</h1>", " ", text, flags=re.S)
-    return _one_line(re.sub(r"<[^>]+>", " ", text)) or _one_line(exc.details or exc.message)
+    text = re.sub(r"<title>.*?</title>|<h1>.*?</h1>", " ", text or "", flags=re.S)
+    paragraphs = [_one_line(re.sub(r"<[^>]+>", " ", part)) for part in text.split("<br />")]
+    paragraphs = [p for p in paragraphs if p]
+    return paragraphs[-1] if paragraphs else _one_line(exc.details or exc.message or "")
 
 
 def _raise(step: str, exc: Exception, where: str) -> NoReturn:
@@ -134,6 +134,15 @@ def _raise(step: str, exc: Exception, where: str) -> NoReturn:
         message = f"{_one_line(str(exc)) or type(exc).__name__} ({where})"
     code = str(exc.http_status) if isinstance(exc, ksa.HttpError) else None
     raise CloudError(step, message, code=code) from exc
+
+
+# Settings of ours that openstacksdk takes beside `auth`, and its names for them.
+_TOP_LEVEL_KEYS = {
+    "auth_type": "auth_type",
+    "region": "region_name",
+    "interface": "interface",
+    "cacert": "cacert",
+}
 
 
 def _clouds_yaml_files(cfg: OpenStackConfig) -> list[str]:
@@ -206,18 +215,20 @@ class OpenStackCloud:
     @classmethod
     def from_config(cls, cfg: OpenStackConfig) -> OpenStackCloud:
         """Build the session from `cfg` (openstacksdk merges clouds.yaml, then our keys)."""
-        kwargs: dict[str, Any] = dict(cfg.auth)
-        region = kwargs.pop("region", None)
-        interface = kwargs.pop("interface", None)
-        if region:
-            kwargs["region_name"] = region
-        if interface:
-            kwargs["interface"] = interface
+        kwargs: dict[str, Any] = {}
+        auth = {k: v for k, v in cfg.auth.items() if k not in _TOP_LEVEL_KEYS}
+        if auth:
+            kwargs["auth"] = auth  # merged over a clouds.yaml entry's, ours winning
+        for key, name in _TOP_LEVEL_KEYS.items():
+            if key in cfg.auth:
+                kwargs[name] = cfg.auth[key]
+        if "application_credential_id" in auth and "auth_type" not in kwargs:
+            kwargs["auth_type"] = "v3applicationcredential"
         if cfg.glance_url:
             kwargs["image_endpoint_override"] = cfg.glance_url
         if kwargs.get("auth_type") == "none":
             # keystoneauth1's `none` plugin needs an endpoint; it is Glance's here.
-            kwargs["endpoint"] = cfg.glance_url
+            kwargs["auth"] = {"endpoint": cfg.glance_url}
         try:
             with warnings.catch_warnings():
                 # openstacksdk 4.22 warns about InfluxDB on every config, configured or not.
@@ -383,12 +394,15 @@ class OpenStackCloud:
             log.info("deleted failed Glance image %s", image_id)
 
     def states(self, ids: Iterable[str]) -> dict[str, str]:
-        """Status of each image that exists, by id; one list call ("in:" filter)."""
+        """Status of each image that exists, by id; one list call per 50 ids ("in:" filter)."""
         wanted = sorted(set(ids))
-        if not wanted:
-            return {}
-        params = {"id": "in:" + ",".join(wanted)}
-        return {img["id"]: img["status"] for img in self._list(params) if img["id"] in wanted}
+        found: dict[str, str] = {}
+        for start in range(0, len(wanted), _IDS_PER_LIST):
+            batch = wanted[start : start + _IDS_PER_LIST]
+            for img in self._list({"id": "in:" + ",".join(batch)}):
+                if img["id"] in batch:
+                    found[img["id"]] = img["status"]
+        return found
 
     def delete(self, image_id: str) -> None:
         """Delete an image; one already gone is success."""

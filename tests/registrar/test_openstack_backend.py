@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -258,16 +259,11 @@ def _keystone_cfg(kg: KeystoneGlance, **overrides: str) -> OpenStackConfig:
     return cfg
 
 
-def _token(kg: KeystoneGlance) -> str:
-    cloud = OpenStackCloud.from_config(_keystone_cfg(kg))
-    return cloud._api.session.get_token()  # the tests' own download, with the same Keystone
-
-
 def _roundtrip(kg: KeystoneGlance, cfg: OpenStackConfig, seed: int) -> None:
     cloud = OpenStackCloud.from_config(cfg)
     data = _data(400_000, seed)
     image_id = _register(cloud, data, "FILESYSTEM")
-    assert _download(kg.glance_url, image_id, _token(kg)) == data
+    assert _download(kg.glance_url, image_id, kg.admin_token()) == data
     assert cloud.states([image_id]) == {image_id: "active"}
     cloud.delete(image_id)
 
@@ -309,6 +305,19 @@ def test_keystone_password_from_clouds_yaml(
     ).cloud
     assert isinstance(cfg, OpenStackConfig)
     _roundtrip(kg, cfg, 12)
+    # Explicit keys win over the clouds.yaml entry's: a stale password there is overridden.
+    clouds.write_text(clouds.read_text().replace(f"password: {kg.password}", "password: stale"))
+    stale = config_mod.parse({"cloud": {"type": "openstack", "os_cloud": "testbed"}},
+                             base_dir=tmp_path).cloud  # fmt: skip
+    assert isinstance(stale, OpenStackConfig)
+    with pytest.raises(CloudError, match="^authenticate: credentials refused"):
+        OpenStackCloud.from_config(stale).images()
+    fixed = config_mod.parse(
+        {"cloud": {"type": "openstack", "os_cloud": "testbed", "password": kg.password}},
+        base_dir=tmp_path,
+    ).cloud
+    assert isinstance(fixed, OpenStackConfig)
+    _roundtrip(kg, fixed, 13)
     missing = config_mod.parse(
         {"cloud": {"type": "openstack", "os_cloud": "nowhere"}}, base_dir=tmp_path
     ).cloud
@@ -316,6 +325,21 @@ def test_keystone_password_from_clouds_yaml(
     with pytest.raises(ConfigError, match="nowhere") as caught:
         OpenStackCloud.from_config(missing)
     assert "\n" not in str(caught.value)
+
+
+def test_keystone_application_credential(keystone_glance: KeystoneGlance) -> None:
+    kg = keystone_glance
+    cred_id, secret = kg.application_credential("imageproxy-test")
+    section = {
+        "type": "openstack",
+        "auth_url": kg.auth_url,
+        "application_credential_id": cred_id,
+        "application_credential_secret": secret,
+        "region": kg.region,
+    }
+    cfg = config_mod.parse({"cloud": section}, base_dir=Path("/")).cloud
+    assert isinstance(cfg, OpenStackConfig)
+    _roundtrip(kg, cfg, 14)
 
 
 def test_a_wrong_password_is_one_line_from_authenticate(keystone_glance: KeystoneGlance) -> None:
@@ -348,3 +372,37 @@ def test_a_policy_refusal_is_one_line_with_403(keystone_glance: KeystoneGlance) 
     assert caught.value.step == "image create"
     assert "forbidden (HTTP 403)" in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+@pytest.fixture(scope="module")
+def glance_quota(
+    tmp_path_factory: pytest.TempPathFactory, openstack_templates: dict[str, Path]
+) -> Iterator[GlanceServer]:
+    """A Glance whose storage quota is 200 kB (Glance's own `user_storage_quota`)."""
+    server = GlanceServer(
+        tmp_path_factory.mktemp("glance-quota"),
+        extra_conf="[DEFAULT]\nuser_storage_quota = 200000\n",
+    )
+    try:
+        server.start(openstack_templates["glance"])
+        yield server
+    finally:
+        server.stop()
+
+
+def test_a_quota_refusal_is_one_line_with_413_and_deletes_the_image(
+    glance_quota: GlanceServer,
+) -> None:
+    cloud = _noauth(glance_quota.url)
+    marker = {"imageproxy_test": "quota"}
+    with pytest.raises(CloudError) as caught:
+        _register(cloud, _data(300_000, 7), "FILESYSTEM", **marker)
+    assert caught.value.step == "image upload"
+    assert caught.value.code == "413"
+    assert str(caught.value) == (
+        f"image upload: quota or size limit exceeded (HTTP 413) at Glance {cloud._base}: "
+        "Image exceeds the storage quota: The size of the data 300000 will exceed the limit. "
+        "200000 bytes remaining."
+    )
+    assert cloud.find(marker) == []
+    assert list(glance_quota.images_dir.iterdir()) == []

@@ -5,6 +5,9 @@ through `ensure_server_venvs`), so their pins never fight the project's.
 
 Fixtures (session-scoped; each server starts once, on free loopback ports):
 
+Glance serves one request at a time (see `GlanceServer.spawn`): a request sent while an upload
+is under way waits for it.
+
 - `glance_noauth`: a `GlanceServer` without Keystone (no paste flavor): every request is
   accepted as an admin of no project. `glance_noauth.url` is its unversioned endpoint, the
   way a catalog lists it.
@@ -145,13 +148,12 @@ class ServerProcess:
         self.proc = None
 
 
-def _gunicorn(venv: Path, port: int, app: str, *extra: str) -> list[str | Path]:
-    # gthread: a status poll or a download must not wait behind a long upload.
+def _gunicorn(venv: Path, port: int, app: str, *extra: str, threads: int = 4) -> list[str | Path]:
     return [
         _venv_bin(venv, "gunicorn"),
         "--no-control-socket",
         "--workers", "1",
-        "--threads", "8",
+        "--threads", str(threads),
         "--timeout", "600",
         "--bind", f"127.0.0.1:{port}",
         *extra,
@@ -258,7 +260,11 @@ enforce_new_defaults = false
             conf = self.dir / "glance-api.conf"
             _run([_venv_bin(GLANCE_VENV, "glance-manage"), "--config-file", conf, "db_sync"],
                  log=self.log, env=env)  # fmt: skip
-        self.process.spawn(_gunicorn(GLANCE_VENV, self.port, "glance.wsgi.api:application"), env)
+        # One request at a time: Glance on sqlite is not safe for concurrent writers (an aborted
+        # upload's clean-up and a DELETE of the same image fail with "database is locked").
+        # Production Glance runs on MySQL; here a request waits for the one before it.
+        app = "glance.wsgi.api:application"
+        self.process.spawn(_gunicorn(GLANCE_VENV, self.port, app, threads=1), env)
 
     def wait_ready(self) -> None:
         self.process.wait_ready(f"{self.url}/versions")
@@ -387,6 +393,7 @@ class _Identity:
         )
         with urllib.request.urlopen(request, timeout=30) as response:
             self.token = response.headers["X-Subject-Token"]
+            self.user_id = json.loads(response.read())["token"]["user"]["id"]
 
     def call(self, method: str, path: str, body: dict | None = None) -> dict:
         request = urllib.request.Request(
@@ -441,6 +448,20 @@ class KeystoneGlance:
     @property
     def glance_url(self) -> str:
         return self.glance.url
+
+    def admin_token(self) -> str:
+        """A fresh admin token, for the tests' own requests to Glance."""
+        return _Identity(self.auth_url).token
+
+    def application_credential(self, name: str) -> tuple[str, str]:
+        """Create an application credential of the admin's; return its (id, secret)."""
+        identity = _Identity(self.auth_url)
+        made = identity.call(
+            "POST",
+            f"/users/{identity.user_id}/application_credentials",
+            {"application_credential": {"name": name}},
+        )["application_credential"]
+        return made["id"], made["secret"]
 
     def openrc(self, path: Path, *, password: str | None = None) -> Path:
         """Write an admin-openrc.sh as Keystone's install guide has it; return its path."""
