@@ -244,7 +244,8 @@ class OpenStackCloud:
                 sess = region_cfg.get_session()
         except (openstack.exceptions.SDKException, ksa.ClientException) as exc:
             source = ", ".join(cfg.sources) or "[cloud]"
-            raise ConfigError(f"[cloud] OpenStack credentials ({source}): {exc}") from exc
+            detail = _one_line(str(exc))
+            raise ConfigError(f"[cloud] OpenStack settings ({source}): {detail}") from exc
         auth_url = region_cfg.auth.get("auth_url")
         return cls(
             sess,

@@ -182,8 +182,8 @@ def test_delete_is_idempotent_and_states_omit_missing_images(noauth: OpenStackCl
     gone = _register(noauth, b"g" * 100, "KERNEL")
     noauth.delete(gone)
     noauth.delete(gone)  # already gone: success
-    missing = "00000000-0000-4000-8000-000000000000"
-    assert noauth.states([kept, gone, missing]) == {kept: "active"}
+    missing = [f"00000000-0000-4000-8000-{n:012d}" for n in range(120)]  # three list calls
+    assert noauth.states([kept, gone, *missing]) == {kept: "active"}
     assert noauth.states([]) == {}
 
 
