@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +23,13 @@ from registrar.clouds.openstack import CHUNK_SIZE, PART_FORMATS, OpenStackCloud
 from registrar.config import OpenStackConfig
 from registrar.errors import CloudError, ConfigError, RegistrationTimeout
 from tests.support.glance_proxy import GlanceProxy
-from tests.support.openstack import GlanceServer, KeystoneGlance, free_port, make_qcow2
+from tests.support.openstack import (
+    GlanceServer,
+    KeystoneGlance,
+    download_image,
+    free_port,
+    make_qcow2,
+)
 
 
 def _data(size: int, seed: int) -> bytes:
@@ -38,13 +43,6 @@ def _noauth(glance_url: str, **extra: object) -> OpenStackCloud:
     ).cloud
     assert isinstance(cfg, OpenStackConfig)
     return OpenStackCloud.from_config(cfg)
-
-
-def _download(glance_url: str, image_id: str, token: str | None = None) -> bytes:
-    headers = {"X-Auth-Token": token} if token else {}
-    request = urllib.request.Request(f"{glance_url}/v2/images/{image_id}/file", headers=headers)
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return response.read()
 
 
 def _register(cloud: OpenStackCloud, data: bytes, part: str, **props: str) -> str:
@@ -84,7 +82,7 @@ def test_each_part_type_is_stored_byte_for_byte_with_its_formats_and_properties(
         ids[part] = _register(noauth, data, part, **props)
     listed = {image.id: image for image in noauth.images()}
     for part, data in parts.items():
-        assert _download(glance_noauth.url, ids[part]) == data
+        assert download_image(glance_noauth.url, ids[part]) == data
         image = listed[ids[part]]
         assert image.status == "active"
         assert image.name == f"imageproxy/test-{part.lower()}"
@@ -124,7 +122,7 @@ def test_the_upload_is_one_chunked_pass_over_a_pipe_in_bounded_reads(
     assert sum(sizes) == len(data)
     assert max(sizes) <= CHUNK_SIZE
     assert glance_proxy.upload_chunked == [True]
-    assert _download(glance_noauth.url, image_id) == data
+    assert download_image(glance_noauth.url, image_id) == data
 
 
 # --- failures delete what they made ---
@@ -263,7 +261,7 @@ def _roundtrip(kg: KeystoneGlance, cfg: OpenStackConfig, seed: int) -> None:
     cloud = OpenStackCloud.from_config(cfg)
     data = _data(400_000, seed)
     image_id = _register(cloud, data, "FILESYSTEM")
-    assert _download(kg.glance_url, image_id, kg.admin_token()) == data
+    assert download_image(kg.glance_url, image_id, kg.admin_token()) == data
     assert cloud.states([image_id]) == {image_id: "active"}
     cloud.delete(image_id)
 

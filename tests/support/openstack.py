@@ -5,9 +5,6 @@ through `ensure_server_venvs`), so their pins never fight the project's.
 
 Fixtures (session-scoped; each server starts once, on free loopback ports):
 
-Glance serves one request at a time (see `GlanceServer.spawn`): a request sent while an upload
-is under way waits for it.
-
 - `glance_noauth`: a `GlanceServer` without Keystone (no paste flavor): every request is
   accepted as an admin of no project. `glance_noauth.url` is its unversioned endpoint, the
   way a catalog lists it.
@@ -15,7 +12,14 @@ is under way waits for it.
   in project `admin`, domain `Default`, region `RegionOne`, one public identity endpoint) and a
   Glance that authenticates tokens against it, registered in Keystone's catalog as the `image`
   service so openstacksdk finds it. `keystone_glance.member` is a second user with only the
-  `member` role in `admin` (for policy refusals).
+  `member` role in `admin` (for policy refusals); `admin_token()`, `openrc(path)` and
+  `application_credential(name)` give the other ways in.
+- `openstack_templates`: synced databases and keys, kept in .pytest_cache across sessions, so
+  a server starts in seconds (db_sync and bootstrap take ten or more).
+
+Glance serves one request at a time (see `GlanceServer.spawn`): a request sent while an upload
+is under way waits for it. `download_image()` fetches what Glance stored; `make_qcow2()` makes
+a real QCOW2 (Glance checks the bytes against `disk_format`).
 
 Start-up facts this module relies on (Glance 33, Keystone 30, gunicorn 27):
 
@@ -568,3 +572,11 @@ def make_qcow2(path: Path, payload: bytes, *, virtual_size: str = "4M") -> Path:
                    check=True, capture_output=True)  # fmt: skip
     raw.unlink()
     return path
+
+
+def download_image(glance_url: str, image_id: str, token: str | None = None) -> bytes:
+    """The bytes Glance stored for an image (give a token when Glance is behind Keystone)."""
+    headers = {"X-Auth-Token": token} if token else {}
+    request = urllib.request.Request(f"{glance_url}/v2/images/{image_id}/file", headers=headers)
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return response.read()
