@@ -55,7 +55,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from isal import isal_zlib
 
 from registrar import decompress as zfs
-from registrar.errors import BundleError, ImageChecksumMismatch
+from registrar.errors import BundleError
 from registrar.manifest import (
     IMAGE_TYPES,
     BundleKeys,
@@ -64,6 +64,7 @@ from registrar.manifest import (
     build_manifest,
     part_filename,
 )
+from registrar.source import HashingReader, probe_source, verify_source
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def bundle_image(
     expected = expected_sha1.strip().lower() if expected_sha1 else None
     prefix = prefix or name.replace("/", "_")
     start = time.monotonic()
-    found = _probe(source, decompress, expected)
+    found = probe_source(source, decompress, expected)
     assert found.size is not None
     log.info(
         "bundling %s: %s image, %s, %d raw bytes%s",
@@ -136,7 +137,7 @@ def bundle_image(
         found.size,
         " (sparse tar member)" if found.sparse else "",
     )
-    hashed = _HashingReader(source, progress)
+    hashed = HashingReader(source, progress)
     image = zfs.open_image(hashed, found)
     key, iv = secrets.token_bytes(16), secrets.token_bytes(16)
     writer = _PartWriter(prefix, part_sink, key, iv)
@@ -148,7 +149,7 @@ def bundle_image(
             writer,
             level=compression_level,
             threads=threads or min(4, os.cpu_count() or 1),
-            before_finish=lambda: _verify(hashed, found, expected),
+            before_finish=lambda: verify_source(hashed, found, expected),
         )
     finally:
         image.close()
@@ -190,80 +191,6 @@ def bundle_image(
         time.monotonic() - start,
     )
     return manifest
-
-
-def _probe(source: BinaryIO, decompress: bool, expected: str | None) -> zfs.Probe:
-    try:
-        if not decompress:
-            size = source.seek(0, os.SEEK_END)
-            source.seek(0)
-            return zfs.Probe(zfs.Format.RAW, size)
-        found = zfs.probe(source)
-        if found.size is None:
-            # A plain compressed image: one pass to learn the raw size; it also checks the
-            # SHA-1, so a wrong file costs no upload at all.
-            hashed = _HashingReader(source, None)
-            size = zfs.measure(hashed, found.format)
-            hashed.drain()
-            _compare(hashed.hexdigest(), expected)
-            source.seek(0)
-            found = found.with_size(size)
-        return found
-    except OSError as exc:
-        raise BundleError(f"reading the image failed: {exc}") from exc
-
-
-def _verify(hashed: _HashingReader, found: zfs.Probe, expected: str | None) -> None:
-    """After the last image byte: the whole source was read and has the expected SHA-1."""
-    if found.format is zfs.Format.RAW and found.tar_member is None:
-        if hashed.read(1):
-            raise BundleError("the image grew while it was being bundled")
-    else:
-        hashed.drain()  # a compressed file's trailer, a tar's end blocks
-    _compare(hashed.hexdigest(), expected)
-
-
-def _compare(actual: str, expected: str | None) -> None:
-    if expected is not None and actual != expected:
-        raise ImageChecksumMismatch(
-            f"image SHA-1 {actual} does not match the expected {expected}; nothing was registered"
-        )
-
-
-class _HashingReader:
-    """Reads the source, hashing every byte and reporting progress; OSError → BundleError."""
-
-    def __init__(self, source: BinaryIO, progress: Progress | None) -> None:
-        self._source = source
-        self._sha1 = hashlib.sha1()
-        self._progress = progress
-        self.count = 0
-
-    def read(self, n: int = -1) -> bytes:
-        try:
-            data = self._source.read(n)
-        except OSError as exc:
-            raise BundleError(f"reading the image failed: {exc}") from exc
-        self._sha1.update(data)
-        self.count += len(data)
-        if self._progress and data:
-            self._progress(len(data))
-        return data
-
-    def readinto(self, buffer: memoryview) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def readable(self) -> bool:
-        return True
-
-    def drain(self) -> None:
-        while self.read(zfs.READ_SIZE):
-            pass
-
-    def hexdigest(self) -> str:
-        return self._sha1.hexdigest()
 
 
 # --- tar → parallel gzip ---

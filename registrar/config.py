@@ -31,6 +31,11 @@ and bad values in our two sections are refused with a ConfigError naming the key
 - `upload_concurrency`: parts uploaded in parallel (default 4)
 - `request_timeout`: seconds for one HTTP request to the cloud (default 120)
 - `compression_level`: 0–3, ISA-L deflate level of the bundle's gzip stream (default 3)
+
+`[cloud] type = "openstack"` (the default `type` is "eucalyptus") gives an OpenStackConfig:
+credentials from explicit keys, which override an `openrc`'s `OS_*` exports, which override
+the `os_cloud` entry of a clouds.yaml (resolved by openstacksdk in its usual places); see
+`_parse_openstack` for the keys.
 """
 
 from __future__ import annotations
@@ -104,10 +109,10 @@ class Config:
     """The registrar's whole configuration; `cloud` is None when the file has no `[cloud]`."""
 
     registrar: RegistrarConfig
-    cloud: CloudConfig | None
+    cloud: CloudConfig | OpenStackConfig | None
     path: Path | None = None
 
-    def require_cloud(self) -> CloudConfig:
+    def require_cloud(self) -> CloudConfig | OpenStackConfig:
         """Return the `[cloud]` settings or raise ConfigError saying they are missing."""
         if self.cloud is None:
             where = f" in {self.path}" if self.path else ""
@@ -136,7 +141,12 @@ def parse(data: dict[str, Any], *, base_dir: Path, path: Path | None = None) -> 
             raise ConfigError(f"unknown section [{name}]")
     registrar = _parse_registrar(_section(data, "registrar"), base_dir)
     cloud_section = data.get("cloud")
-    cloud = None if cloud_section is None else _parse_cloud(_section(data, "cloud"), base_dir)
+    if cloud_section is None:
+        cloud: CloudConfig | OpenStackConfig | None = None
+    elif _section(data, "cloud").get("type", "eucalyptus") == "openstack":
+        cloud = _parse_openstack(_section(data, "cloud"), base_dir)
+    else:
+        cloud = _parse_cloud(_section(data, "cloud"), base_dir)
     return Config(registrar=registrar, cloud=cloud, path=path)
 
 
@@ -195,6 +205,7 @@ def _check_bucket(name: str) -> str | None:
 # --- [cloud] ---
 
 _CLOUD_KEYS = {
+    "type",
     "eucarc",
     "ec2_url",
     "s3_url",
@@ -231,6 +242,7 @@ _PATH_KEYS = ("cloud_cert", "user_cert", "user_key")
 
 def _parse_cloud(section: dict[str, Any], base_dir: Path) -> CloudConfig:
     keys = _Keys("cloud", section, _CLOUD_KEYS)
+    keys.choice("type", ("eucalyptus", "openstack"), "eucalyptus")
     values: dict[str, Any] = {}
     eucarc = keys.path("eucarc", base_dir)
     if eucarc is not None:
@@ -290,7 +302,7 @@ def _check_url(url: str) -> str | None:
     return None
 
 
-def read_eucarc(path: Path) -> dict[str, str]:
+def read_eucarc(path: Path, key: str = "eucarc") -> dict[str, str]:
     """Read the `NAME=value` assignments of a eucarc, expanding `${VAR}` from earlier lines.
 
     Shell we do not run: `EUCA_KEY_DIR=$(cd $(dirname …); pwd -P)` stands for the file's own
@@ -299,7 +311,7 @@ def read_eucarc(path: Path) -> dict[str, str]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"[cloud] eucarc: cannot read {path}: {exc.strerror}") from None
+        raise ConfigError(f"[cloud] {key}: cannot read {path}: {exc.strerror}") from None
     env: dict[str, str] = {}
     line_re = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)")
     for line in text.splitlines():
@@ -323,10 +335,15 @@ def _unquote(raw: str) -> str:
 
 
 def _expand(value: str, env: dict[str, str]) -> str:
-    def sub(match: re.Match[str]) -> str:
-        return env.get(match.group(1) or match.group(2), "")
+    """Expand `$VAR`, `${VAR}` and `${VAR:-default}` (openrc files use the last)."""
 
-    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)", sub, value)
+    def sub(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(3)
+        return env.get(name) or (match.group(2) or "")
+
+    return re.sub(
+        r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)", sub, value
+    )
 
 
 class _Keys:
@@ -378,3 +395,147 @@ class _Keys:
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise self._bad(key, f"{value!r} is not an integer from {low} to {high}")
         return value
+
+
+# --- [cloud] type = "openstack" ---
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenStackConfig:
+    """The `[cloud]` section for OpenStack: what openstacksdk needs to reach Glance.
+
+    `auth` holds the openstacksdk settings (auth_url, username, password, project_name, …)
+    merged from explicit keys and the openrc; `os_cloud` names a clouds.yaml entry under them.
+    `sources` says where credentials came from, for error messages.
+    """
+
+    auth: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
+    os_cloud: str | None = None
+    clouds_yaml: Path | None = None
+    glance_url: str | None = None
+    visibility: str = "private"
+    name_prefix: str = "imageproxy/"
+    register_timeout: float = 900.0
+    poll_interval: float = 2.0
+    request_timeout: float = 120.0
+    sources: tuple[str, ...] = ()
+    type: str = "openstack"
+
+
+# [cloud] key → openrc variables (the first one set wins); all are openstacksdk settings.
+_OPENRC_KEYS = {
+    "auth_url": ("OS_AUTH_URL",),
+    "auth_type": ("OS_AUTH_TYPE",),
+    "username": ("OS_USERNAME",),
+    "user_id": ("OS_USER_ID",),
+    "password": ("OS_PASSWORD",),
+    "project_name": ("OS_PROJECT_NAME", "OS_TENANT_NAME"),
+    "project_id": ("OS_PROJECT_ID", "OS_TENANT_ID"),
+    "user_domain_name": ("OS_USER_DOMAIN_NAME",),
+    "user_domain_id": ("OS_USER_DOMAIN_ID",),
+    "project_domain_name": ("OS_PROJECT_DOMAIN_NAME",),
+    "project_domain_id": ("OS_PROJECT_DOMAIN_ID",),
+    "region": ("OS_REGION_NAME",),
+    "interface": ("OS_INTERFACE", "OS_ENDPOINT_TYPE"),
+    "application_credential_id": ("OS_APPLICATION_CREDENTIAL_ID",),
+    "application_credential_secret": ("OS_APPLICATION_CREDENTIAL_SECRET",),
+    "cacert": ("OS_CACERT",),
+}
+_OPENSTACK_KEYS = {
+    "type",
+    "openrc",
+    "os_cloud",
+    "clouds_yaml",
+    "glance_url",
+    "visibility",
+    "name_prefix",
+    "register_timeout",
+    "poll_interval",
+    "request_timeout",
+    *_OPENRC_KEYS,
+}
+_AUTH_TYPES = ("password", "v3applicationcredential", "none")
+_VISIBILITIES = ("private", "shared", "community", "public")
+
+
+def _parse_openstack(section: dict[str, Any], base_dir: Path) -> OpenStackConfig:
+    """Explicit keys > `openrc` exports > `os_cloud` (left to openstacksdk to resolve).
+
+    Keys: the `_OPENRC_KEYS` above; `openrc` (path), `os_cloud` (name) and `clouds_yaml` (its
+    file, default openstacksdk's usual places); `glance_url` (use this
+    Glance endpoint instead of the catalog's: with `auth_type = "none"`, a Glance without
+    Keystone); `visibility`; `name_prefix`; `register_timeout`, `poll_interval`,
+    `request_timeout` (seconds).
+    """
+    keys = _Keys("cloud", section, _OPENSTACK_KEYS)
+    auth: dict[str, str] = {}
+    sources: list[str] = []
+    if (os_cloud := section.get("os_cloud")) is not None:
+        os_cloud = keys.string("os_cloud", "")
+        sources.append(f"clouds.yaml cloud {os_cloud!r}")
+    if (openrc := keys.path("openrc", base_dir)) is not None:
+        env = read_eucarc(openrc, "openrc")
+        for key, names in _OPENRC_KEYS.items():
+            found = next((env[n] for n in names if env.get(n)), None)
+            if found:
+                auth[key] = found
+        sources.append(f"openrc {openrc}")
+    explicit = {key: keys.string(key, "") for key in _OPENRC_KEYS if key in section}
+    if explicit:
+        sources.append("[cloud]")
+    auth.update(explicit)
+    if "cacert" in auth:
+        auth["cacert"] = str(base_dir / Path(auth["cacert"]).expanduser())
+    glance_url = keys.string("glance_url", "", check=_check_url) or None
+    _check_openstack_auth(auth, os_cloud, glance_url, openrc)
+    prefix = keys.string("name_prefix", OpenStackConfig.name_prefix)
+    if len(prefix) > 100 or not prefix.isprintable():
+        raise ConfigError("[cloud] name_prefix: must be at most 100 printable characters")
+    return OpenStackConfig(
+        auth=auth,
+        os_cloud=os_cloud,
+        clouds_yaml=keys.path("clouds_yaml", base_dir),
+        glance_url=glance_url.rstrip("/") if glance_url else None,
+        visibility=keys.choice("visibility", _VISIBILITIES, "private"),
+        name_prefix=prefix,
+        register_timeout=keys.number("register_timeout", OpenStackConfig.register_timeout),
+        poll_interval=keys.number("poll_interval", OpenStackConfig.poll_interval),
+        request_timeout=keys.number("request_timeout", OpenStackConfig.request_timeout),
+        sources=tuple(sources),
+    )
+
+
+def _check_openstack_auth(
+    auth: dict[str, str], os_cloud: str | None, glance_url: str | None, openrc: Path | None
+) -> None:
+    """Refuse, with one line, credentials that cannot work whatever the servers say."""
+    auth_type = auth.get("auth_type")
+    if auth_type is not None and auth_type not in _AUTH_TYPES:
+        choices = ", ".join(_AUTH_TYPES)
+        raise ConfigError(f"[cloud] auth_type: {auth_type!r} is not one of {choices}")
+    if auth_type == "none":
+        if not glance_url:
+            raise ConfigError('[cloud] glance_url: required with auth_type = "none"')
+        return
+    if os_cloud is not None:
+        return  # openstacksdk fills in the rest from clouds.yaml, and says what is missing
+    where = f" (nor in {openrc})" if openrc else ""
+    if not auth.get("auth_url"):
+        if not auth and not openrc:
+            raise ConfigError(
+                '[cloud] type = "openstack" needs credentials: auth_url and the rest, '
+                "openrc, or os_cloud"
+            )
+        raise ConfigError(f"[cloud] auth_url: required but not set{where}")
+    if problem := _check_url(auth["auth_url"]):
+        raise ConfigError(f"[cloud] auth_url: {auth['auth_url']!r} {problem}")
+    if auth_type == "v3applicationcredential" or "application_credential_id" in auth:
+        for key in ("application_credential_id", "application_credential_secret"):
+            if not auth.get(key):
+                raise ConfigError(f"[cloud] {key}: required but not set{where}")
+        return
+    if not (auth.get("username") or auth.get("user_id")):
+        raise ConfigError(f"[cloud] username: required but not set{where}")
+    if not auth.get("password"):
+        # Horizon's openrc asks for the password at run time (read -sr OS_PASSWORD_INPUT).
+        raise ConfigError(f"[cloud] password: required but not set{where}")

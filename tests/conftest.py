@@ -10,4 +10,6 @@ pytest_plugins = [
     "tests.support.images",
     "tests.support.cloud",
     "tests.support.seaweed",
+    "tests.support.openstack",
+    "tests.support.glance_proxy",
 ]

@@ -45,3 +45,29 @@ ensure_venv() {
         echo "$want" >"$stamp"
     fi
 }
+
+# OpenStack test servers (issue 15): Glance and Keystone from PyPI, each in its own virtualenv so
+# their pins (oslo.*, SQLAlchemy, ...) never fight the project's. Reinstalled only when a pin changes.
+GLANCE_PINS=(glance==33.0.0 gunicorn==27.0.1)
+KEYSTONE_PINS=(keystone==30.0.0 gunicorn==27.0.1)
+
+# ensure_server_venv DIR PIN...: create DIR with exactly these pins, cached by a stamp file.
+ensure_server_venv() {
+    local dir=$1 stamp=$1/.installed want
+    shift
+    want="$*"
+    if [[ -x $dir/bin/python && -f $stamp && "$(cat "$stamp")" == "$want" ]]; then
+        return
+    fi
+    echo "installing $want into $dir" >&2
+    rm -rf "$dir"
+    python3 -m venv "$dir"
+    "$dir/bin/python" -m pip install -q --upgrade pip >/dev/null
+    "$dir/bin/python" -m pip install -q "$@"
+    echo "$want" >"$stamp"
+}
+
+ensure_server_venvs() {
+    ensure_server_venv .venv-glance "${GLANCE_PINS[@]}"
+    ensure_server_venv .venv-keystone "${KEYSTONE_PINS[@]}"
+}
