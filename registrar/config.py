@@ -415,7 +415,7 @@ class OpenStackConfig:
     glance_url: str | None = None
     visibility: str = "private"
     name_prefix: str = "imageproxy/"
-    register_timeout: float = 900.0
+    register_timeout: float = 1800.0  # the original's imageproxy.registrationTimeout
     poll_interval: float = 2.0
     request_timeout: float = 120.0
     sources: tuple[str, ...] = ()

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from registrar.clouds import GONE_STATES
 from registrar.errors import ConfigError
 from registrar.registry import Imported, Registry
 
@@ -27,7 +28,6 @@ _SHA1 = re.compile(r"[0-9a-f]{40}")
 # Eucalyptus 3 wrote ids in upper-case hex (emi-1F3B3A9C): matched, and kept, as written.
 _IMAGE_ID = re.compile(r"[ae]([mkr])i-[0-9a-f]{8,17}", re.IGNORECASE)
 _KINDS = {"m": "machine", "k": "kernel", "r": "ramdisk"}
-GONE_STATES = ("deregistered", "failed", "error")
 
 
 @dataclass(frozen=True)
@@ -69,11 +69,11 @@ def read_original(path: Path) -> list[tuple[str, str]]:
 def import_registry(
     path: Path,
     registry: Registry,
-    describe: Callable[[Sequence[str]], Mapping[str, object]],
+    states: Callable[[Sequence[str]], Mapping[str, str]],
 ) -> ImportReport:
-    """Import `path` into `registry`; `describe(ids)` is the cloud's DescribeImages.
+    """Import `path` into `registry`; `states(ids)` asks the cloud (one DescribeImages).
 
-    `describe` returns, for the ids the cloud knows, objects with a `state` attribute.
+    `states` returns the state of each id the cloud knows (a backend's `states`).
     """
     rows = read_original(path)
     candidates: dict[str, Imported] = {}
@@ -90,12 +90,8 @@ def import_registry(
         candidates.setdefault(sha1, Imported(sha1, image_id, _KINDS[kind.group(1).lower()]))
     already_known = {i.sha1 for i in registry.all_imported()}
     fresh = [c for sha1, c in candidates.items() if sha1 not in already_known]
-    found = describe(sorted({c.image_id for c in fresh})) if fresh else {}
-    alive = [
-        c
-        for c in fresh
-        if c.image_id in found and getattr(found[c.image_id], "state", "") not in GONE_STATES
-    ]
+    found = states(sorted({c.image_id for c in fresh})) if fresh else {}
+    alive = [c for c in fresh if c.image_id in found and found[c.image_id] not in GONE_STATES]
     added = registry.add_imported(alive)
     for entry in alive:
         log.info("imported %s %s for part %s", entry.kind, entry.image_id, entry.sha1)

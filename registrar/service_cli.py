@@ -311,18 +311,18 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_import_registry(args: argparse.Namespace) -> int:
-    # Imported here: boto3 costs start-up time the other commands do not need.
-    from registrar.clouds.euca_api import Cloud
+    # Imported here: the cloud SDKs cost start-up time the other commands do not need.
+    from registrar.clouds.select import backend_for
     from registrar.migrate import import_registry
 
     path = _config_path(args)
     if path is None:
         raise ConfigError(NO_CONFIG)
     config = registrar_config.load(path)
-    cloud = Cloud.from_config(config)
+    backend = backend_for(config)
     registry = Registry(config.registrar.state_dir)
     try:
-        report = import_registry(args.path, registry, cloud.describe)
+        report = import_registry(args.path, registry, backend.states)
     finally:
         registry.close()
     print(report.summary(args.path))

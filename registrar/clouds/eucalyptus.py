@@ -35,8 +35,8 @@ from registrar.clouds import (
     Registered,
 )
 from registrar.clouds.euca_api import BundleUpload, Cloud
-from registrar.config import Config
-from registrar.errors import CloudError
+from registrar.config import CloudConfig, Config
+from registrar.errors import CloudError, ConfigError
 from registrar.manifest import BundleKeys, manifest_filename, rebind_manifest
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,8 @@ class Eucalyptus:
     @classmethod
     def from_config(cls, config: Config, arch: str = DEFAULT_ARCH) -> Eucalyptus:
         cfg = config.require_cloud()
+        if not isinstance(cfg, CloudConfig):
+            raise ConfigError("[cloud] type is not eucalyptus")
         keys = BundleKeys.load(cfg.cloud_cert, cfg.user_cert, cfg.user_key)
         return cls(Cloud.from_config(config), keys, cfg.account_id, arch, cfg.compression_level)
 

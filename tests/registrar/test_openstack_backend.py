@@ -1,4 +1,4 @@
-"""registrar/clouds/openstack.py against a real Glance (and Keystone): what Glance stores, checks
+"""registrar/clouds/glance_api.py against a real Glance (and Keystone): what Glance stores, checks
 and refuses, and what is left behind after a failure."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from registrar import config as config_mod
-from registrar.clouds.openstack import CHUNK_SIZE, PART_FORMATS, OpenStackCloud
+from registrar.clouds.glance_api import CHUNK_SIZE, PART_FORMATS, OpenStackCloud
 from registrar.config import OpenStackConfig
 from registrar.errors import CloudError, ConfigError, RegistrationTimeout
 from tests.support.glance_proxy import GlanceProxy
@@ -189,7 +189,7 @@ _KILLED_UPLOADER = """
 import sys, time
 from pathlib import Path
 from registrar import config
-from registrar.clouds.openstack import OpenStackCloud
+from registrar.clouds.glance_api import OpenStackCloud
 
 cfg = config.parse({"cloud": {"type": "openstack", "auth_type": "none",
                                "glance_url": sys.argv[1]}}, base_dir=Path("/")).cloud
