@@ -49,19 +49,17 @@ from __future__ import annotations
 import io
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from imgstore import client as imgstore
-from imgstore.errors import BadUrl, OriginError, StoreError
 from registrar import names
+from registrar.blobs import Blobs
 from registrar.clouds import (
     GONE_STATES,
     KERNEL,
@@ -79,21 +77,16 @@ from registrar.errors import (
     CloudError,
     FetchError,
     InputError,
-    InvalidURL,
-    RegistrarError,
     RegistrationFailed,
-    RequestTooLarge,
-    SignatureMismatch,
     UnsupportedImage,
 )
+from registrar.flights import Flights, in_parallel
 from registrar.metadata import (
-    MAX_METADATA_BYTES,
     ImageSet,
     Part,
     check_signature,
     check_url,
 )
-from registrar.metadata import parse as parse_metadata
 from registrar.metrics import RegistrarMetrics
 from registrar.pipeline import JobHooks, register_part
 from registrar.properties import answer_text
@@ -101,13 +94,10 @@ from registrar.registry import Answer, Claimed, Image, Job, Registry, image_key,
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 Progress = Callable[[str, int, int], None]  # (what, bytes done, bytes total)
 
 OWNER_PREFIX = "registrar:"
 DEFAULT_ARCH = "x86_64"
-_READ_BUFFER = 1024 * 1024
-_SHA1_IN_TEXT = re.compile(r"\b[0-9a-f]{40}\b")
 
 
 @dataclass(frozen=True)
@@ -123,91 +113,6 @@ class Settings:
     max_bundles: int = 2  # images bundled at once; each takes a few cores and up to ~80 MiB
     claim_wait: float = 4 * 3600.0  # longer than any registration ORCA would still wait for
     claim_poll: float = 0.5
-
-
-class _Flight:
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.followers = 0  # callers waiting for this flight (guarded by _Flights._lock)
-
-
-class _Flights:
-    """In-process single flight: one caller per key does the work, the others share its outcome."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()  # guards _flights only; never held while working
-        self._flights: dict[object, _Flight] = {}
-
-    def followers(self, key: object) -> int:
-        """How many callers wait for the flight of `key` (0 if none is in flight)."""
-        with self._lock:
-            flight = self._flights.get(key)
-            return flight.followers if flight is not None else 0
-
-    def run(self, key: object, work: Callable[[], T]) -> T:
-        with self._lock:
-            flight = self._flights.get(key)
-            leader = flight is None
-            if flight is None:
-                flight = self._flights[key] = _Flight()
-            else:
-                flight.followers += 1
-        if not leader:
-            flight.done.wait()
-            if flight.error is not None:
-                raise flight.error
-            return flight.result  # type: ignore[no-any-return]
-        try:
-            flight.result = work()
-        except BaseException as exc:
-            flight.error = exc
-            raise
-        finally:
-            with self._lock:
-                del self._flights[key]
-            flight.done.set()
-        return flight.result  # type: ignore[no-any-return]
-
-
-class _MountFile(io.RawIOBase):
-    """A blob read through the imgstore mount; a failed read raises our error, not OSError.
-
-    The bundler turns OSError into a generic BundleError; a registrar error passes through it
-    unchanged, so the caller learns that the bytes did not match or could not be fetched.
-    """
-
-    def __init__(self, path: Path, on_error: Callable[[OSError], RegistrarError]) -> None:
-        super().__init__()
-        self._on_error = on_error
-        try:
-            self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
-        except OSError as exc:
-            raise on_error(exc) from exc
-
-    def readinto(self, buffer: Any) -> int:
-        try:
-            return self._file.readinto(buffer)  # type: ignore[no-any-return]
-        except OSError as exc:
-            raise self._on_error(exc) from exc
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        return self._file.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._file.tell()
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        if not self.closed:
-            self._file.close()
-        super().close()
 
 
 def _label(url: str, fallback: str) -> str:
@@ -233,7 +138,8 @@ class Service:
         self.settings = settings
         self.backend = backend
         self.registry = registry or Registry(settings.state_dir)
-        self._flights = _Flights()
+        self._flights = Flights()
+        self._blobs = Blobs(settings)
         self.metrics = RegistrarMetrics()
         self._bundle_slots = threading.BoundedSemaphore(settings.max_bundles)
         self._jobs = 0
@@ -293,7 +199,7 @@ class Service:
                 self.metrics.registry_hit()
                 return known
             log.warning("metadata %s: a registered image is gone from the cloud; redoing", sha1)
-        images = self._read_metadata(url, sha1, trusted)
+        images = self._blobs.read_metadata(url, sha1, trusted)
         filesystem, qcow2 = self._supported(images, url)
 
         def part(p: Part | None, kind: str, kernel_id: str = "", ramdisk_id: str = "") -> str:
@@ -302,10 +208,10 @@ class Service:
         # Kernel and ramdisk in parallel (each waits until usable), then the machine image,
         # which names both, beside the QCOW2. All run to the end even if one fails: a
         # registered part is kept for the next call.
-        kernel_id, ramdisk_id = _in_parallel(
+        kernel_id, ramdisk_id = in_parallel(
             lambda: part(images.kernel, KERNEL), lambda: part(images.ramdisk, RAMDISK)
         )
-        machine_id, qcow2_id = _in_parallel(
+        machine_id, qcow2_id = in_parallel(
             lambda: part(filesystem, MACHINE, kernel_id, ramdisk_id), lambda: part(qcow2, QCOW2)
         )
         answer = Answer(sha1, url, machine_id, kernel_id, ramdisk_id, qcow2=qcow2_id)
@@ -342,85 +248,6 @@ class Service:
         """One look at the cloud: do all these images still exist (and have not failed)?"""
         found = self.backend.states(image_ids)
         return all(i in found and found[i] not in GONE_STATES for i in image_ids)
-
-    # --- imgstore ---
-
-    def _add(self, sha1: str, url: str, what: str, trusted: bool) -> imgstore.BlobInfo:
-        try:
-            known = imgstore.info(self.settings.cache_dir, sha1)
-        except StoreError:
-            known = None
-        if known is not None and known.state in ("complete", "verified") and url in known.urls:
-            # Cached whole from this URL: nothing to fetch, so no probe (works without the origin).
-            return known
-        try:
-            return imgstore.add(
-                self.settings.cache_dir,
-                sha1,
-                [url],
-                trusted=trusted,
-                allowed_networks=self.settings.allowed_networks,
-                http_proxy=self.settings.http_proxy,
-            )
-        except BadUrl as exc:
-            raise InvalidURL(f"{what} URL {url} cannot be used: {exc}") from exc
-        except OriginError as exc:
-            raise FetchError(f"cannot fetch {what} at {url}: {exc}") from exc
-        except StoreError as exc:
-            raise FetchError(f"imgstore cannot take {what} at {url}: {exc}") from exc
-
-    def _blob_state(self, sha1: str, blob: imgstore.BlobInfo | None) -> str:
-        """The blob's state as the mount sees it now (its xattr), else as the catalog has it.
-
-        The mount fails a read the moment its verification fails, a little before the catalog
-        records the verdict; its `user.imgstore.state` xattr is never behind.
-        """
-        try:
-            path = self.settings.mountpoint / "by-sha1" / sha1
-            return os.getxattr(path, "user.imgstore.state").decode()
-        except OSError:
-            return blob.state if blob is not None else "unknown"
-
-    def _read_error(self, sha1: str, url: str, what: str) -> Callable[[OSError], RegistrarError]:
-        def translate(exc: OSError) -> RegistrarError:
-            try:
-                blob = imgstore.info(self.settings.cache_dir, sha1)
-            except StoreError:
-                blob = None
-            reason = (blob.error if blob is not None else None) or ""  # imgstore's verdict
-            if self._blob_state(sha1, blob) == "corrupt":
-                computed = _SHA1_IN_TEXT.search(reason)
-                got = (
-                    f"computed signature {computed.group(0)}"
-                    if computed
-                    else "the SHA-1 of the bytes downloaded"
-                )
-                return SignatureMismatch(
-                    f"signature {sha1} does not match {got} for {what} at {url}"
-                )
-            detail = f" ({reason})" if reason else ""
-            return FetchError(
-                f"cannot read {what} at {url} through imgstore: {exc.strerror or exc}{detail}"
-            )
-
-        return translate
-
-    @contextmanager
-    def _open_blob(self, sha1: str, url: str, what: str) -> Iterator[io.BufferedReader]:
-        path = self.settings.mountpoint / "by-sha1" / sha1
-        raw = _MountFile(path, self._read_error(sha1, url, what))
-        with io.BufferedReader(raw, buffer_size=_READ_BUFFER) as source:
-            yield source
-
-    def _read_metadata(self, url: str, sha1: str, trusted: bool) -> ImageSet:
-        blob = self._add(sha1, url, "metadata", trusted)
-        if blob.size > MAX_METADATA_BYTES:
-            raise RequestTooLarge(
-                f"metadata at {url} is {blob.size} bytes; the limit is {MAX_METADATA_BYTES} bytes"
-            )
-        with self._open_blob(sha1, url, "metadata") as source:
-            data = source.read()
-        return parse_metadata(data, url)
 
     # --- one part ---
 
@@ -603,10 +430,10 @@ class Service:
         """The part, added to imgstore and pinned (`_build` unpins it), read through the mount."""
         what = f"{part.type} image"
         # Part URLs come from the metadata file, written by a remote user: never trusted.
-        blob = self._add(part.sha1, part.url, what, trusted=False)
+        blob = self._blobs.add(part.sha1, part.url, what, trusted=False)
         imgstore.pin(self.settings.cache_dir, part.sha1, owner)
         sizes.append(blob.size)
-        with self._open_blob(part.sha1, part.url, what) as source:
+        with self._blobs.open(part.sha1, part.url, what) as source:
             yield source, blob.size
 
     def _clean_job(self, job: Job) -> None:
@@ -661,35 +488,6 @@ class Service:
 
 def _placement(image: Image) -> Placement:
     return Placement(image.bucket, image.prefix, image.manifest or None)
-
-
-def _in_parallel(*calls: Callable[[], T]) -> list[T]:
-    """Run `calls` in threads of their own; return their results, or raise the first error.
-
-    Daemon threads, not an executor: on shutdown an abandoned request must not keep the process
-    alive (concurrent.futures joins its workers at exit).
-    """
-    results: list[Any] = [None] * len(calls)
-    errors: list[BaseException | None] = [None] * len(calls)
-
-    def run(index: int) -> None:
-        try:
-            results[index] = calls[index]()
-        except BaseException as exc:
-            errors[index] = exc
-
-    threads = [
-        threading.Thread(target=run, args=(i,), name=f"part-{i}", daemon=True)
-        for i in range(len(calls))
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for error in errors:
-        if error is not None:
-            raise error
-    return results
 
 
 def _owner_alive(owner: str) -> bool:

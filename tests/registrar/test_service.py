@@ -11,7 +11,8 @@ import pytest
 
 from registrar.errors import FetchError
 from registrar.registry import process_start
-from registrar.service import _Flights, _label, _owner_alive, owner_process
+from registrar.flights import Flights as _Flights
+from registrar.service import _label, _owner_alive, owner_process
 
 
 def _run_concurrently(n: int, target: object) -> list[threading.Thread]:

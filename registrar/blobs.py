@@ -1,0 +1,167 @@
+"""The service's side of imgstore: declare a blob, read it through the mount, say why not.
+
+    blobs = Blobs(settings)
+    info = blobs.add(sha1, url, "FILESYSTEM image", trusted=False)
+    with blobs.open(sha1, url, "FILESYSTEM image") as stream: ...
+    images = blobs.read_metadata(url, sha1, trusted)
+
+A read through the mount fails with OSError; here it becomes our error: SignatureMismatch when
+imgstore's verdict is that the bytes are wrong (with the SHA-1 they have), FetchError otherwise.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+from imgstore import client as imgstore
+from imgstore.errors import BadUrl, OriginError, StoreError
+from registrar.errors import (
+    FetchError,
+    InvalidURL,
+    RegistrarError,
+    RequestTooLarge,
+    SignatureMismatch,
+)
+from registrar.metadata import MAX_METADATA_BYTES, ImageSet
+from registrar.metadata import parse as parse_metadata
+
+_READ_BUFFER = 1024 * 1024
+_SHA1_IN_TEXT = re.compile(r"\b[0-9a-f]{40}\b")
+
+
+class StoreSettings(Protocol):
+    """What Blobs needs of the service's settings."""
+
+    cache_dir: Path
+    mountpoint: Path
+    allowed_networks: tuple[str, ...]
+    http_proxy: str
+
+
+class MountFile(io.RawIOBase):
+    """A blob read through the imgstore mount; a failed read raises our error, not OSError.
+
+    The bundler turns OSError into a generic BundleError; a registrar error passes through it
+    unchanged, so the caller learns that the bytes did not match or could not be fetched.
+    """
+
+    def __init__(self, path: Path, on_error: Callable[[OSError], RegistrarError]) -> None:
+        super().__init__()
+        self._on_error = on_error
+        try:
+            self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+        except OSError as exc:
+            raise on_error(exc) from exc
+
+    def readinto(self, buffer: Any) -> int:
+        try:
+            return self._file.readinto(buffer)  # type: ignore[no-any-return]
+        except OSError as exc:
+            raise self._on_error(exc) from exc
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+        super().close()
+
+
+class Blobs:
+    """imgstore as the service uses it: the catalog for declaring, the mount for reading."""
+
+    def __init__(self, settings: StoreSettings) -> None:
+        self.settings = settings
+
+    def add(self, sha1: str, url: str, what: str, trusted: bool) -> imgstore.BlobInfo:
+        try:
+            known = imgstore.info(self.settings.cache_dir, sha1)
+        except StoreError:
+            known = None
+        if known is not None and known.state in ("complete", "verified") and url in known.urls:
+            # Cached whole from this URL: nothing to fetch, so no probe (works without the origin).
+            return known
+        try:
+            return imgstore.add(
+                self.settings.cache_dir,
+                sha1,
+                [url],
+                trusted=trusted,
+                allowed_networks=self.settings.allowed_networks,
+                http_proxy=self.settings.http_proxy,
+            )
+        except BadUrl as exc:
+            raise InvalidURL(f"{what} URL {url} cannot be used: {exc}") from exc
+        except OriginError as exc:
+            raise FetchError(f"cannot fetch {what} at {url}: {exc}") from exc
+        except StoreError as exc:
+            raise FetchError(f"imgstore cannot take {what} at {url}: {exc}") from exc
+
+    def _state(self, sha1: str, blob: imgstore.BlobInfo | None) -> str:
+        """The blob's state as the mount sees it now (its xattr), else as the catalog has it.
+
+        The mount fails a read the moment its verification fails, a little before the catalog
+        records the verdict; its `user.imgstore.state` xattr is never behind.
+        """
+        try:
+            path = self.settings.mountpoint / "by-sha1" / sha1
+            return os.getxattr(path, "user.imgstore.state").decode()
+        except OSError:
+            return blob.state if blob is not None else "unknown"
+
+    def _read_error(self, sha1: str, url: str, what: str) -> Callable[[OSError], RegistrarError]:
+        def translate(exc: OSError) -> RegistrarError:
+            try:
+                blob = imgstore.info(self.settings.cache_dir, sha1)
+            except StoreError:
+                blob = None
+            reason = (blob.error if blob is not None else None) or ""  # imgstore's verdict
+            if self._state(sha1, blob) == "corrupt":
+                computed = _SHA1_IN_TEXT.search(reason)
+                got = (
+                    f"computed signature {computed.group(0)}"
+                    if computed
+                    else "the SHA-1 of the bytes downloaded"
+                )
+                return SignatureMismatch(
+                    f"signature {sha1} does not match {got} for {what} at {url}"
+                )
+            detail = f" ({reason})" if reason else ""
+            return FetchError(
+                f"cannot read {what} at {url} through imgstore: {exc.strerror or exc}{detail}"
+            )
+
+        return translate
+
+    @contextmanager
+    def open(self, sha1: str, url: str, what: str) -> Iterator[io.BufferedReader]:
+        path = self.settings.mountpoint / "by-sha1" / sha1
+        raw = MountFile(path, self._read_error(sha1, url, what))
+        with io.BufferedReader(raw, buffer_size=_READ_BUFFER) as source:
+            yield source
+
+    def read_metadata(self, url: str, sha1: str, trusted: bool) -> ImageSet:
+        blob = self.add(sha1, url, "metadata", trusted)
+        if blob.size > MAX_METADATA_BYTES:
+            raise RequestTooLarge(
+                f"metadata at {url} is {blob.size} bytes; the limit is {MAX_METADATA_BYTES} bytes"
+            )
+        with self.open(sha1, url, "metadata") as source:
+            data = source.read()
+        return parse_metadata(data, url)
