@@ -22,6 +22,7 @@ import pytest
 import zeep.exceptions
 
 from tests.registrar.e2e_stack import IMGSTORE, REGISTRAR, Stack, register_in_background
+from tests.registrar.owner_support import publish_to, qcow2_image
 from tests.registrar.soap_javaprops import loads
 from tests.support.fusemount import Mounted
 from tests.support.glance_proxy import GlanceProxy
@@ -237,3 +238,19 @@ def test_a_registrar_killed_mid_registration_leaves_no_glance_image_after_restar
         stack.zeep(restarted).RegisterImage(url=images.metadata_url, signature=images.metadata_sha1)
     )
     assert list(_ours(stack)) == [answer["FILESYSTEM"]]
+
+
+def test_a_published_qcow2_registers_in_glance_through_soap(
+    capsys: pytest.CaptureFixture[str], os_stack: Stack, origin: Origin, tmp_path: Path
+) -> None:
+    """`registrar publish` of a QCOW2 alone, served by nginx, registered on OpenStack."""
+    disk = qcow2_image(tmp_path / "disk.qcow2")
+    published = publish_to(origin, tmp_path / "q", disk)
+    assert [f.type for f in published.files] == ["QCOW2"]
+    service = os_stack.zeep(os_stack.start())
+    answer = loads(
+        service.RegisterImage(url=published.metadata_url, signature=published.metadata_sha1)
+    )
+    assert answer["FILESYSTEM"] == answer["KERNEL"] == answer["RAMDISK"] == ""
+    assert _ours(os_stack)[answer["QCOW2"]]["disk_format"] == "qcow2"
+    assert download_image(os_stack.glance_url, answer["QCOW2"]) == disk.read_bytes()
