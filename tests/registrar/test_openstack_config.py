@@ -71,7 +71,7 @@ def test_explicit_keys_and_defaults() -> None:
     assert cloud.auth == {**AUTH, "region": "RegionTwo"}
     assert cloud.os_cloud is None and cloud.glance_url is None
     assert (cloud.visibility, cloud.name_prefix) == ("private", "imageproxy/")
-    assert cloud.register_timeout == 900 and cloud.sources == ("[cloud]",)
+    assert cloud.register_timeout == 1800 and cloud.sources == ("[cloud]",)  # the original's
     assert "s3cret" not in repr(cloud)
 
 
