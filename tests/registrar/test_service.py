@@ -10,8 +10,8 @@ from collections.abc import Callable
 import pytest
 
 from registrar.errors import FetchError
-from registrar.registry import process_start
 from registrar.flights import Flights as _Flights
+from registrar.registry import process_start
 from registrar.service import _label, _owner_alive, owner_process
 
 
