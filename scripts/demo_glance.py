@@ -47,6 +47,13 @@ FIELDS = (
     "visibility",
 )
 LINKS = ("kernel_id", "ramdisk_id")
+# What each part of the answer becomes in Glance: (disk_format, container_format).
+FORMATS = {
+    "FILESYSTEM": ("ami", "ami"),
+    "KERNEL": ("aki", "aki"),
+    "RAMDISK": ("ari", "ari"),
+    "QCOW2": ("qcow2", "bare"),
+}
 
 
 class GlanceSetupError(Exception):
@@ -151,6 +158,21 @@ def show_table(image: dict[str, Any]) -> str:
     lines = [rule, f"| {'Field':<{left}} | {'Value':<{right}} |", rule]
     lines += [f"| {name:<{left}} | {value:<{right}} |" for name, value in cells]
     return "\n".join([*lines, rule])
+
+
+def check(image: dict[str, Any], kind: str, ids: dict[str, str]) -> str | None:
+    """What is wrong with the `kind` image of an answer (`ids`), if anything: not active, the
+    wrong formats, or (a machine image) not linked to the answer's kernel and ramdisk."""
+    if image.get("status") != "active":
+        return f"status {image.get('status')}, not active"
+    formats = (image.get("disk_format"), image.get("container_format"))
+    if formats != FORMATS[kind]:
+        return f"formats {'/'.join(map(str, formats))}, not {'/'.join(FORMATS[kind])}"
+    if kind == "FILESYSTEM":
+        links = {name: image.get(name) for name in LINKS}
+        if links != {"kernel_id": ids.get("KERNEL"), "ramdisk_id": ids.get("RAMDISK")}:
+            return f"kernel_id and ramdisk_id {links} are not the answer's KERNEL and RAMDISK"
+    return None
 
 
 def download_sha1(glance_url: str, image_id: str) -> tuple[int, str]:
