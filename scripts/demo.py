@@ -652,7 +652,7 @@ def start_glance(track: list[Daemon], work: Path) -> tuple[Daemon, str]:
     try:
         cmd, env = demo_glance.prepare(directory, port, log)
     except demo_glance.GlanceSetupError as exc:
-        raise DemoError(str(exc), log) from exc
+        raise DemoError(str(exc), log if log.exists() else None) from exc
     say("$ " + " ".join(cmd))
     daemon = Daemon.start(track, "glance", cmd, log, env)
     url = f"http://127.0.0.1:{port}"

@@ -13,7 +13,7 @@ relies on the same facts):
 
 The rest reads Glance's v2 API the way `openstack image show` does, with plain HTTP: this is
 the operator's view, so it does not go through the registrar's own client. Nothing here starts
-or tracks processes: `demo.py` does, so that its teardown stops Glance like every other daemon.
+a daemon: `demo.py` does, so that its teardown stops Glance like every other one.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ def _bin(name: str) -> Path:
 def prepare(directory: Path, port: int, log: Path) -> tuple[list[str], dict[str, str]]:
     """Write Glance's configuration into `directory` and make its database; return the command
     and the environment that serve it on 127.0.0.1:`port`."""
+    manage, gunicorn = _bin("glance-manage"), _bin("gunicorn")  # first: a clear error if missing
     for sub in ("images", "staging", "tasks"):
         (directory / sub).mkdir(parents=True, exist_ok=True)
     shutil.copy(GLANCE_VENV / "etc" / "glance" / "glance-api-paste.ini", directory)
@@ -94,15 +95,15 @@ enforce_new_defaults = false
     )
     # Their deprecation warnings would bury the one line that matters in the log.
     env = {"OS_GLANCE_CONFIG_DIR": str(directory), "PYTHONWARNINGS": "ignore"}
-    manage = [str(_bin("glance-manage")), "--config-file", str(conf), "db_sync"]
+    db_sync = [str(manage), "--config-file", str(conf), "db_sync"]
     with open(log, "ab") as out:
         res = subprocess.run(
-            manage, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=120, check=False
+            db_sync, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=120, check=False
         )
     if res.returncode != 0:
         raise GlanceSetupError(f"glance-manage db_sync failed with exit code {res.returncode}")
     cmd = [
-        str(_bin("gunicorn")),
+        str(gunicorn),
         "--no-control-socket",
         "--workers", "1",
         "--threads", "1",

@@ -101,9 +101,12 @@ def test_demo_registers_an_image_and_answers_the_repeat_from_the_registry() -> N
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_demo_interrupted_with_everything_running_cleans_up() -> None:
+@pytest.mark.parametrize(
+    ("args", "cloud"), [([], "moto_server"), (["openstack"], "glance")], ids=["moto", "glance"]
+)
+def test_demo_interrupted_with_everything_running_cleans_up(args: list[str], cloud: str) -> None:
     proc = subprocess.Popen(
-        [str(DEMO)],
+        [str(DEMO), *args],
         cwd=ROOT,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -117,8 +120,8 @@ def test_demo_interrupted_with_everything_running_cleans_up() -> None:
     os.set_blocking(proc.stdout.fileno(), False)
     deadline = time.monotonic() + 240
     try:
-        # The registrar is the last daemon to start: from then on the nginx origin,
-        # moto_server, the imgstore mount and the registrar are all up.
+        # The registrar is the last daemon to start: from then on the nginx origin, the
+        # cloud (moto_server or Glance), the imgstore mount and the registrar are all up.
         while b"\nlistening at http://" not in out:
             assert proc.poll() is None, out.decode(errors="replace")
             assert time.monotonic() < deadline, out.decode(errors="replace")
@@ -134,7 +137,7 @@ def test_demo_interrupted_with_everything_running_cleans_up() -> None:
     text = (out + rest).decode(errors="replace")
     assert proc.returncode == 130, text
     assert "scripts/demo: interrupted (SIGINT)" in text
-    assert "stopped: nginx, moto_server, registrar, imgstore" in text
+    assert f"stopped: nginx, {cloud}, registrar, imgstore" in text
     _assert_nothing_left(_workdir(text))
 
 
