@@ -7,6 +7,10 @@ registrar, and sends the very SOAP 1.1 request ORCA's Axis2 stub sends. It print
 the mount, and the cloud's view; sends the same request again to show it is answered from the
 registry; and tears everything down, also on Ctrl-C, SIGTERM or failure.
 
+`scripts/demo openstack` does the same against a real Glance (without Keystone) instead of
+moto, with a QCOW2 in the image set too, and shows each image as `openstack image show` would;
+`demo_glance.py` holds that part.
+
 Every process it starts listens on 127.0.0.1 only; everything lives in one temporary
 directory, removed at the end (`--keep` leaves it, with the logs, for a look afterwards).
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import gzip
 import hashlib
 import http.client
@@ -41,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from xml.sax.saxutils import escape
+
+import demo_glance  # beside this file, which Python puts first on sys.path
 
 BIN = Path(sys.executable).parent  # the venv's console scripts sit beside its python
 NGINX = "/usr/sbin/nginx"
@@ -210,6 +217,7 @@ class ImageSet:
     metadata_name: str
     metadata_sha1: str
     parts: list[Part] = field(default_factory=list)
+    filesystem_sha1: str = ""  # of the ext4 filesystem itself, once decompressed
 
 
 def sha1_of(path: Path) -> str:
@@ -238,8 +246,9 @@ def _populate(src: Path) -> None:
     (src / "var/log/syslog").write_text("\n".join(lines) + "\n")
 
 
-def build_images(root: Path, work: Path) -> ImageSet:
-    """Write the parts and the metadata XML into `root`, the origin's document root."""
+def build_images(root: Path, work: Path, qcow2: bool = False) -> ImageSet:
+    """Write the parts into `root`, the origin's document root; with `qcow2`, the same
+    filesystem as a QCOW2 disk too."""
     src = work / "rootfs"
     _populate(src)
     raw = work / "filesystem.img"
@@ -262,8 +271,17 @@ def build_images(root: Path, work: Path) -> ImageSet:
     kernel.write_bytes(rng.randbytes(2 << 20))  # stand-ins: the bytes matter, not what they are
     ramdisk.write_bytes(gzip.compress(rng.randbytes(1 << 20), mtime=0))
 
-    images = ImageSet("demo-image.xml", "")
-    for type_, path in (("ZFILESYSTEM", fs_gz), ("KERNEL", kernel), ("RAMDISK", ramdisk)):
+    files = [("ZFILESYSTEM", fs_gz), ("KERNEL", kernel), ("RAMDISK", ramdisk)]
+    if qcow2:
+        disk = root / "demo-root.qcow2"
+        try:
+            demo_glance.make_qcow2(raw, disk)
+        except demo_glance.GlanceSetupError as exc:
+            raise DemoError(str(exc)) from exc
+        say(f"QCOW2 disk: {disk.stat().st_size} bytes (qemu-img convert -f raw -O qcow2)")
+        files.append(("QCOW2", disk))
+    images = ImageSet("demo-image.xml", "", filesystem_sha1=sha1_of(raw))
+    for type_, path in files:
         images.parts.append(Part(type_, path.name, sha1_of(path), path.stat().st_size))
     return images
 
@@ -405,29 +423,13 @@ class Site:
     metrics_listen: str = ""
 
 
-def write_config(work: Path, cloud_url: str) -> Site:
+def euca_cloud_section(work: Path, cloud_url: str) -> str:
+    """The `[cloud]` section for moto, with throw-away certificates and keys."""
     keys = work / "euca"
     keys.mkdir()
     _, cloud_cert = make_key_and_cert(keys, "cloud", "Demo Eucalyptus cloud")
     user_key, user_cert = make_key_and_cert(keys, "euca2-admin", "demo admin")
-    site = Site(work / "imageproxy.toml", work / "cache", work / "images", work / "state")
-    site.metrics_listen = f"127.0.0.1:{free_port()}"
-    site.config.write_text(
-        f"""# Written by scripts/demo: the same file serves both daemons.
-[store]
-cache_dir = "{site.cache_dir}"
-mountpoint = "{site.mountpoint}"
-cache_size = "1G"
-min_free = "16M"        # the demo runs in /tmp, which may be small
-metrics_listen = "{site.metrics_listen}"  # imgstore's GET /metrics
-
-[registrar]
-listen = "127.0.0.1:0"  # a free port; the registrar logs which
-bucket = "{BUCKET}"
-state_dir = "{site.state_dir}"
-allowed_networks = ["127.0.0.0/8"]  # the demo's origin is on loopback
-
-[cloud]                 # moto_server stands in for Eucalyptus (S3 + EC2 on one port)
+    return f"""[cloud]                 # moto_server stands in for Eucalyptus (S3 + EC2 on one port)
 ec2_url = "{cloud_url}"
 s3_url = "{cloud_url}"
 access_key = "demo"
@@ -440,6 +442,28 @@ user_key = "{user_key}"
 poll_interval = 0.2
 register_timeout = 60
 """
+
+
+def write_config(work: Path, cloud_section: str, bucket: bool = True) -> Site:
+    """The one config file of both daemons; `bucket` is Eucalyptus's, unused by Glance."""
+    site = Site(work / "imageproxy.toml", work / "cache", work / "images", work / "state")
+    site.metrics_listen = f"127.0.0.1:{free_port()}"
+    bucket_line = f'bucket = "{BUCKET}"\n' if bucket else ""
+    site.config.write_text(
+        f"""# Written by scripts/demo: the same file serves both daemons.
+[store]
+cache_dir = "{site.cache_dir}"
+mountpoint = "{site.mountpoint}"
+cache_size = "1G"
+min_free = "16M"        # the demo runs in /tmp, which may be small
+metrics_listen = "{site.metrics_listen}"  # imgstore's GET /metrics
+
+[registrar]
+listen = "127.0.0.1:0"  # a free port; the registrar logs which
+{bucket_line}state_dir = "{site.state_dir}"
+allowed_networks = ["127.0.0.0/8"]  # the demo's origin is on loopback
+
+{cloud_section}"""
     )
     site.mountpoint.mkdir()
     return site
@@ -619,14 +643,54 @@ def count_uploads(moto_log: Path) -> int:
     return sum(1 for line in moto_log.read_text(errors="replace").splitlines() if '"PUT /' in line)
 
 
+# --- the real Glance of `scripts/demo openstack` ---
+
+
+def start_glance(track: list[Daemon], work: Path) -> tuple[Daemon, str]:
+    directory, log, port = work / "glance", work / "glance.log", free_port()
+    say(f"$ glance-manage db_sync  # OS_GLANCE_CONFIG_DIR={directory}")
+    try:
+        cmd, env = demo_glance.prepare(directory, port, log)
+    except demo_glance.GlanceSetupError as exc:
+        raise DemoError(str(exc), log if log.exists() else None) from exc
+    say("$ " + " ".join(cmd))
+    daemon = Daemon.start(track, "glance", cmd, log, env)
+    url = f"http://127.0.0.1:{port}"
+    wait_for("glance", lambda: http_get(url + "/versions") != 0, 60, daemon)
+    return daemon, url
+
+
+def show_glance(glance_url: str, ids: dict[str, str], images: ImageSet, log: Path) -> None:
+    """Each image as `openstack image show` prints it, checked: active, the right formats and
+    links, and exactly the published bytes (read back from Glance)."""
+    say("$ openstack image list")
+    for image in demo_glance.list_images(glance_url):
+        say(f"  {image['id']}  {image['status']:<8} {image['name']}")
+    published = {p.type: (p.sha1, f"{p.name} as published") for p in images.parts}
+    fs_gz = next(p.name for p in images.parts if p.type == "ZFILESYSTEM")
+    published["FILESYSTEM"] = (images.filesystem_sha1, f"the ext4 filesystem in {fs_gz}")
+    for kind, image_id in ids.items():
+        say(f"\n$ openstack image show {image_id}   # {kind}")
+        image = demo_glance.get_image(glance_url, image_id)
+        say(demo_glance.show_table(image))
+        if problem := demo_glance.check(image, kind, ids):
+            raise DemoError(f"{kind} image {image_id}: {problem}", log)
+        size, sha1 = demo_glance.download_sha1(glance_url, image_id)
+        want, what = published[kind]
+        if sha1 != want:
+            raise DemoError(f"{kind} image {image_id} holds other bytes than {what}", log)
+        say(f"read back from Glance: {size} bytes, SHA-1 {sha1}, the same as {what}")
+
+
 # --- the demo ---
 
 
 class Demo:
     """Owns every process, mount and directory it creates, and removes them in `teardown`."""
 
-    def __init__(self, keep: bool) -> None:
+    def __init__(self, keep: bool, openstack: bool = False) -> None:
         self.keep = keep
+        self.openstack = openstack
         self.work = Path(tempfile.mkdtemp(prefix="imageproxy-demo-"))
         self.daemons: list[Daemon] = []
         self.site: Site | None = None
@@ -636,7 +700,7 @@ class Demo:
         section("1. A sample image set, as a user would publish it")
         root = self.work / "www"
         root.mkdir()
-        images = build_images(root, self.work)
+        images = build_images(root, self.work, qcow2=self.openstack)
 
         section("2. The origin web server (nginx on 127.0.0.1)")
         origin = start_origin(self.daemons, self.work, root)
@@ -651,11 +715,21 @@ class Demo:
         say(f"{images.metadata_sha1}  {images.metadata_name}")
         say(f"\n{metadata_url}:\n{metadata.decode().rstrip()}")
 
-        section("3. The stand-in cloud (moto_server: S3 + EC2), keys and the config file")
-        moto, cloud_url = start_moto(self.daemons, self.work)
-        say(f"S3 and EC2 at {cloud_url}")
-        self.site = site = write_config(self.work, cloud_url)
-        say(f"throw-away cloud and user certificates in {self.work / 'euca'}")
+        if self.openstack:
+            section("3. The cloud: a real Glance (no Keystone), and the config file")
+            glance, cloud_url = start_glance(self.daemons, self.work)
+            say(f"Glance's image API at {cloud_url}/v2; log {glance.log}")
+            cloud = demo_glance.cloud_section(cloud_url)
+            self.site = site = write_config(self.work, cloud, bucket=False)
+            uploads = functools.partial(demo_glance.count_uploads, glance.log)
+        else:
+            section("3. The stand-in cloud (moto_server: S3 + EC2), keys and the config file")
+            moto, cloud_url = start_moto(self.daemons, self.work)
+            say(f"S3 and EC2 at {cloud_url}")
+            cloud = euca_cloud_section(self.work, cloud_url)
+            self.site = site = write_config(self.work, cloud)
+            say(f"throw-away cloud and user certificates in {self.work / 'euca'}")
+            uploads = functools.partial(count_uploads, moto.log)
         say(f"$ cat {site.config}\n{site.config.read_text().rstrip()}")
 
         section("4. imgstore: the lazy, verified image cache behind a FUSE mount")
@@ -672,18 +746,23 @@ class Demo:
         for name, value in axis2_headers(*host_port.rsplit(":", 1)):
             say(f"{name}: {value}")
         say("\n" + envelope(metadata_url, images.metadata_sha1).decode() + "\n")
-        counts = [(origin.requests(), count_uploads(moto.log))]
+        counts = [(origin.requests(), uploads())]
         first, first_s = register_image(endpoint, metadata_url, images.metadata_sha1, registrar.log)
-        counts.append((origin.requests(), count_uploads(moto.log)))
+        counts.append((origin.requests(), uploads()))
         ids = properties(first)
         say(f"answer after {first_s:.2f} s:")
         say(first.rstrip())
-        missing = [k for k in ("FILESYSTEM", "KERNEL", "RAMDISK") if not ids.get(k)]
+        expected = ("FILESYSTEM", "KERNEL", "RAMDISK") + (("QCOW2",) if self.openstack else ())
+        missing = [k for k in expected if not ids.get(k)]
         if missing:
             raise DemoError(f"the answer has no {', '.join(missing)} id", registrar.log)
 
-        section("7. The cloud now holds the bundles and the registered images")
-        show_cloud(cloud_url, [ids["FILESYSTEM"], ids["KERNEL"], ids["RAMDISK"]])
+        if self.openstack:
+            section("7. Glance now holds the images, each traced to its source")
+            show_glance(cloud_url, {k: ids[k] for k in expected}, images, registrar.log)
+        else:
+            section("7. The cloud now holds the bundles and the registered images")
+            show_cloud(cloud_url, [ids["FILESYSTEM"], ids["KERNEL"], ids["RAMDISK"]])
 
         section("8. The mount: every image by its SHA-1")
         say(f"$ cd {site.mountpoint}")
@@ -698,8 +777,8 @@ class Demo:
         second, second_s = register_image(
             endpoint, metadata_url, images.metadata_sha1, registrar.log
         )
-        counts.append((origin.requests(), count_uploads(moto.log)))
-        (origin_0, s3_0), (origin_1, s3_1), (origin_2, s3_2) = counts
+        counts.append((origin.requests(), uploads()))
+        (origin_0, up_0), (origin_1, up_1), (origin_2, up_2) = counts
         say(f"answer after {second_s:.2f} s:")
         say(second.rstrip())
         if properties(second) != ids:
@@ -711,7 +790,8 @@ class Demo:
         say("                 first call  second call")
         say(f"duration         {first_s:8.2f} s {second_s:9.2f} s")
         say(f"origin requests  {origin_1 - origin_0:10d} {origin_2 - origin_1:11d}")
-        say(f"S3 PUT requests  {s3_1 - s3_0:10d} {s3_2 - s3_1:11d}")
+        upload_label = "Glance uploads" if self.openstack else "S3 PUT requests"
+        say(f"{upload_label:<17}{up_1 - up_0:10d} {up_2 - up_1:11d}")
         say()
         show_command([str(BIN / "registrar"), "list", "--config", str(site.config)])
 
@@ -761,6 +841,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep", action="store_true", help="keep the working directory and its logs"
     )
+    parser.add_argument(
+        "cloud",
+        nargs="?",
+        choices=("eucalyptus", "openstack"),
+        default="eucalyptus",
+        help="the cloud to register into: moto standing in for Eucalyptus (the default), or a "
+        "real Glance without Keystone",
+    )
     args = parser.parse_args(argv)
     # Everything the demo talks to is on loopback: an http_proxy set for this host must not
     # carry those requests (ours, imgstore's or boto3's) elsewhere.
@@ -770,7 +858,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, _raise_interrupted)
     # Even when started with SIGINT ignored (a background job of a script), Ctrl-C cleans up.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    demo = Demo(args.keep)
+    demo = Demo(args.keep, openstack=args.cloud == "openstack")
     code = 0
     try:
         demo.run()

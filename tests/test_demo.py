@@ -2,14 +2,20 @@
 
 It must print three ids from the stand-in cloud, the mount listing, and a second answer that is
 identical and came from the registry; and it must leave nothing behind, also when interrupted.
+`scripts/demo openstack` must do the same into a real Glance, whose own database and file store
+must then hold the answer's four images with the published bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import os
 import re
 import selectors
+import shutil
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -33,6 +39,10 @@ def _workdir(out: str) -> Path:
 
 def _assert_nothing_left(workdir: Path) -> None:
     assert not workdir.exists(), f"{workdir} was not removed"
+    _assert_processes_and_mounts_gone(workdir)
+
+
+def _assert_processes_and_mounts_gone(workdir: Path) -> None:
     assert str(workdir) not in Path("/proc/mounts").read_text(), "a mount was left behind"
     leftovers = []
     for proc in Path("/proc").iterdir():
@@ -91,9 +101,12 @@ def test_demo_registers_an_image_and_answers_the_repeat_from_the_registry() -> N
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_demo_interrupted_with_everything_running_cleans_up() -> None:
+@pytest.mark.parametrize(
+    ("args", "cloud"), [([], "moto_server"), (["openstack"], "glance")], ids=["moto", "glance"]
+)
+def test_demo_interrupted_with_everything_running_cleans_up(args: list[str], cloud: str) -> None:
     proc = subprocess.Popen(
-        [str(DEMO)],
+        [str(DEMO), *args],
         cwd=ROOT,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -107,8 +120,8 @@ def test_demo_interrupted_with_everything_running_cleans_up() -> None:
     os.set_blocking(proc.stdout.fileno(), False)
     deadline = time.monotonic() + 240
     try:
-        # The registrar is the last daemon to start: from then on the nginx origin,
-        # moto_server, the imgstore mount and the registrar are all up.
+        # The registrar is the last daemon to start: from then on the nginx origin, the
+        # cloud (moto_server or Glance), the imgstore mount and the registrar are all up.
         while b"\nlistening at http://" not in out:
             assert proc.poll() is None, out.decode(errors="replace")
             assert time.monotonic() < deadline, out.decode(errors="replace")
@@ -124,5 +137,97 @@ def test_demo_interrupted_with_everything_running_cleans_up() -> None:
     text = (out + rest).decode(errors="replace")
     assert proc.returncode == 130, text
     assert "scripts/demo: interrupted (SIGINT)" in text
-    assert "stopped: nginx, moto_server, registrar, imgstore" in text
+    assert f"stopped: nginx, {cloud}, registrar, imgstore" in text
     _assert_nothing_left(_workdir(text))
+
+
+_OS_ANSWER = re.compile(
+    r"^answer after [\d.]+ s:\n"
+    r"FILESYSTEM=(\S+)\nKERNEL=(\S+)\nRAMDISK=(\S+)\nQCOW2=(\S+)$",
+    re.M,
+)
+_OS_PART = re.compile(
+    r"^([0-9a-f]{40})  (\S+)  \((ZFILESYSTEM|KERNEL|RAMDISK|QCOW2), (\d+) bytes\)$", re.M
+)
+_SHOW = re.compile(r"^\$ openstack image show (\S+)   # (\w+)\n((?:[+|].*\n)+)", re.M)
+# What ORCA's answer names, as Glance must hold it: (disk_format, container_format).
+_FORMATS = {
+    "FILESYSTEM": ("ami", "ami"),
+    "KERNEL": ("aki", "aki"),
+    "RAMDISK": ("ari", "ari"),
+    "QCOW2": ("qcow2", "bare"),
+}
+
+
+def _table(text: str) -> dict[str, str]:
+    rows = (line.split("|") for line in text.splitlines() if line.startswith("|"))
+    return {cells[1].strip(): cells[2].strip() for cells in rows if cells[1].strip() != "Field"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_demo_openstack_registers_every_part_in_a_real_glance() -> None:
+    """`scripts/demo openstack --keep`: the answer's ids are images in Glance's own database and
+    file store, with the published bytes and formats; nothing runs or stays mounted after."""
+    res = subprocess.run(
+        [str(DEMO), "openstack", "--keep"],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    out = res.stdout
+    workdir = _workdir(out)
+    try:
+        assert res.returncode == 0, f"exit {res.returncode}\n{out[-4000:]}\n{res.stderr[-4000:]}"
+        answers = _OS_ANSWER.findall(out)
+        assert len(answers) == 2 and answers[0] == answers[1], out
+        ids = dict(zip(_FORMATS, answers[0], strict=True))
+        assert len(set(ids.values())) == 4
+        assert re.search(r"^Glance uploads +4 +0$", out, re.M), out
+        assert "stopped: nginx, glance, registrar, imgstore" in out
+
+        # What the demo printed, `openstack image show`-like, for each id of the answer.
+        shown = {kind: (image_id, _table(rows)) for image_id, kind, rows in _SHOW.findall(out)}
+        assert {kind: image_id for kind, (image_id, _) in shown.items()} == ids
+        parts = {
+            type_: (sha1, name, int(size)) for sha1, name, type_, size in _OS_PART.findall(out)
+        }
+        parts["FILESYSTEM"] = parts.pop("ZFILESYSTEM")
+        for kind, (image_id, row) in shown.items():
+            sha1, name, _ = parts[kind]
+            assert row["id"] == image_id
+            assert (row["disk_format"], row["container_format"]) == _FORMATS[kind]
+            assert row["status"] == "active"
+            assert row["imageproxy_sha1"] == sha1
+            assert row["imageproxy_source_url"].endswith("/" + name)
+            assert row["os_hash_algo"] == "sha512" and len(row["os_hash_value"]) == 128
+        assert shown["FILESYSTEM"][1]["kernel_id"] == ids["KERNEL"]
+        assert shown["FILESYSTEM"][1]["ramdisk_id"] == ids["RAMDISK"]
+        assert out.count("\nread back from Glance: ") == 4
+
+        # Glance's own records (kept by --keep), read without the demo: the same images, and
+        # the bytes in its file store are the published ones (the filesystem decompressed).
+        glance = workdir / "glance"
+        with contextlib.closing(sqlite3.connect(glance / "glance.sqlite")) as db:
+            rows = db.execute(
+                "SELECT id, disk_format, container_format, status, size FROM images"
+                " WHERE deleted = 0"
+            ).fetchall()
+        stored = {row[0]: row[1:] for row in rows}
+        assert set(stored) == set(ids.values()), "Glance holds exactly the answer's images"
+        for kind, image_id in ids.items():
+            disk, container, status, size = stored[image_id]
+            assert (disk, container, status) == (*_FORMATS[kind], "active")
+            data = (glance / "images" / image_id).read_bytes()
+            assert len(data) == size
+            _, name, _ = parts[kind]
+            published = (workdir / "www" / name).read_bytes()
+            if kind == "FILESYSTEM":
+                published = gzip.decompress(published)
+            assert data == published, kind
+        assert (glance / "images" / ids["QCOW2"]).read_bytes()[:4] == b"QFI\xfb"  # a real QCOW2
+    finally:
+        _assert_processes_and_mounts_gone(workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
