@@ -175,7 +175,7 @@ def _read_tar_header(stream: BinaryIO) -> tarfile.TarInfo | None:
     head = _translate(stream.read, 512, None)
     if not _looks_like_tar(head):
         return None
-    rest = io.BufferedReader(_Chain(head, stream))  # type: ignore[arg-type]
+    rest = io.BufferedReader(Chain(head, stream))  # type: ignore[arg-type]
     try:
         tar = tarfile.open(fileobj=rest, mode="r|")
         return _image_member(tar)
@@ -226,7 +226,7 @@ def _looks_like_tar(block: bytes) -> bool:
     return stored == sum(block[:148]) + 8 * 32 + sum(block[156:512])
 
 
-class _Chain(io.RawIOBase):
+class Chain(io.RawIOBase):
     """Bytes already read, then the rest of a stream."""
 
     def __init__(self, head: bytes, rest: BinaryIO) -> None:

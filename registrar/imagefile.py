@@ -132,27 +132,6 @@ class HashingReader(io.RawIOBase):
         return self._sha1.hexdigest()
 
 
-class _Chain(io.RawIOBase):
-    """Bytes already read, then the rest of a stream."""
-
-    def __init__(self, head: bytes, rest: BinaryIO) -> None:
-        self._head = memoryview(head)
-        self._rest = rest
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        if self._head:
-            n = min(len(buffer), len(self._head))
-            buffer[:n] = self._head[:n]
-            self._head = self._head[n:]
-            return n
-        data = self._rest.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-
 def identify(source: BinaryIO) -> Content:
     """What the seekable `source` is, from its start; PublishError or DecompressError if the
     registrar would refuse it. `source` is left where it was."""
@@ -234,7 +213,7 @@ def examine(
         try:
             head, content = identify_head(hashed)  # type: ignore[arg-type]
             if content.kind == ZFILESYSTEM:
-                raw_size = unpack(_Chain(head, hashed), content)  # type: ignore[arg-type]
+                raw_size = unpack(zfs.Chain(head, hashed), content)  # type: ignore[arg-type]
         except (PublishError, DecompressError) as exc:
             problem = str(exc)
     hashed.drain()

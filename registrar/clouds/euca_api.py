@@ -374,24 +374,7 @@ class Cloud:
         it saved the id. A bundle's folder name is unique, and it is the image's name.
         Everything is attempted even if one step fails; the first failure is raised after.
         """
-        errors: list[CloudError] = []
-        image_ids = [image_id] if image_id else []
-        if by_name:
-            try:
-                image_ids += [i for i in self.images_named(folder) if i not in image_ids]
-            except CloudError as exc:
-                errors.append(exc)
-        for each in image_ids:
-            try:
-                self.deregister(each)
-            except CloudError as exc:
-                errors.append(exc)
-        try:
-            self.delete_keys(self.list_keys(folder))
-        except CloudError as exc:
-            errors.append(exc)
-        if errors:
-            raise errors[0]
+        self._remove(image_id, folder if by_name else None, lambda: self.list_keys(folder))
 
     def cleanup_manifest(self, key: str, name: str, image_id: str | None = None) -> None:
         """Deregister `image_id` and every image named `name`, and delete the object `key`.
@@ -399,19 +382,29 @@ class Cloud:
         For an image registered from a manifest added to a folder other images share: the
         folder's parts stay. Everything is attempted; the first failure is raised after.
         """
+        self._remove(image_id, name, lambda: [key])
+
+    def _remove(
+        self,
+        image_id: str | None,
+        name: str | None,
+        keys: Callable[[], list[str]],
+    ) -> None:
+        """Deregister the image (and those named `name`), delete `keys()`; all are attempted."""
         errors: list[CloudError] = []
         image_ids = [image_id] if image_id else []
-        try:
-            image_ids += [i for i in self.images_named(name) if i not in image_ids]
-        except CloudError as exc:
-            errors.append(exc)
+        if name is not None:
+            try:
+                image_ids += [i for i in self.images_named(name) if i not in image_ids]
+            except CloudError as exc:
+                errors.append(exc)
         for each in image_ids:
             try:
                 self.deregister(each)
             except CloudError as exc:
                 errors.append(exc)
         try:
-            self.delete_keys([key])
+            self.delete_keys(keys())
         except CloudError as exc:
             errors.append(exc)
         if errors:
