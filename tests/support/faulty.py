@@ -396,9 +396,7 @@ class FaultyOrigin:
             f.script = deque(script)
             f.then = Faults(**always) if always else (then or Faults())
 
-    def random_faults(
-        self, rate: float, seed: int, mix: tuple[Faults, ...] = RANDOM_MIX
-    ) -> None:
+    def random_faults(self, rate: float, seed: int, mix: tuple[Faults, ...] = RANDOM_MIX) -> None:
         """Answer a share `rate` of unscripted requests per faults drawn from `mix`."""
         if not 0 <= rate <= 1 or not mix:
             raise ValueError("rate must be within [0, 1] and mix must not be empty")
