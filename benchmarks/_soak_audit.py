@@ -1,6 +1,7 @@
 """After the soak: do the answers, the registry, the bucket and the cloud agree?
 
-`audit(site, outcomes)` returns a dict of findings (lists of problems, empty when all is well):
+`audit(site, outcomes)` returns a dict of findings (lists of problems, empty when all is well)
+and how many registered images' bundles it unbundled:
 
 - `wrong_ids`: an answered call whose ids differ from the registry's answer for its metadata,
   or from another answered call for the same image;
@@ -33,7 +34,7 @@ def _locations(site: Site) -> dict[str, str]:
     }
 
 
-def audit(site: Site, outcomes: list[dict[str, Any]]) -> dict[str, list[str]]:
+def audit(site: Site, outcomes: list[dict[str, Any]]) -> tuple[dict[str, list[str]], int]:
     """Compare the answers with the registry, the bucket and the cloud; see the docstring."""
     cloud = site.cloud
     registry = Registry(site.stack.state_dir)
@@ -89,6 +90,7 @@ def audit(site: Site, outcomes: list[dict[str, Any]]) -> dict[str, list[str]]:
     found["violations"] = cloud.take_violations()
 
     ids_of = {image.image_id: image for image in images}
+    checked = 0
     for sha1, answer in answers.items():
         image = by_sha1.get(sha1)
         if image is None:
@@ -100,11 +102,12 @@ def audit(site: Site, outcomes: list[dict[str, Any]]) -> dict[str, list[str]]:
             (answer.ramdisk, image.ramdisk_sha1, "ramdisk"),
         ):
             problem = _check_one(site, image_id, want, kind, answer, in_cloud, locations)
+            checked += 1
             if problem:
                 found["bad_bundles"].append(f"image {image.index} {kind} {image_id}: {problem}")
         if ids_of.get(answer.filesystem) is None:
             found["missing"].append(f"answer {sha1}: {answer.filesystem} not in the registry")
-    return {key: list(value) for key, value in found.items()}
+    return {key: list(value) for key, value in found.items()}, checked
 
 
 def _check_one(

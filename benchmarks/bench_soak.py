@@ -34,11 +34,13 @@ import logging
 import platform
 import random
 import re
+import signal
 import statistics
 import sys
 import threading
 import time
 import traceback
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,6 +57,7 @@ log = logging.getLogger("bench_soak")
 
 RESULTS = ROOT / "benchmarks" / "results"
 INTERNAL = "internal error in the registrar"
+RSS_EVERY = 25
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +139,7 @@ class Runner:
         self.rss_at = min(rss_at, len(order))
         self.outcomes: list[dict[str, Any]] = []
         self.rss: dict[str, dict[str, int]] = {}
+        self.series: dict[str, dict[str, int]] = {}  # every RSS_EVERY calls, for the trend
         self.peak: dict[str, int] = collections.defaultdict(int)
         self._lock = threading.Lock()
         self._done = threading.Event()
@@ -172,6 +176,8 @@ class Runner:
             done = len(self.outcomes)
             if done in (self.rss_at, len(self.order)):
                 self.rss[str(done)] = self._sample()
+            if done % RSS_EVERY == 0 or done in (self.rss_at, len(self.order)):
+                self.series[str(done)] = self.rss.get(str(done)) or self._sample()
         log.info(
             "call %3d (%d done) image %2d: %s in %.1f s%s",
             seq,
@@ -186,9 +192,15 @@ class Runner:
         monitor = threading.Thread(target=self._monitor, daemon=True)
         monitor.start()
         start = time.monotonic()
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="call") as pool:
-            for seq, index in enumerate(self.order, 1):
-                pool.submit(self._call, seq, index)
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="call")
+        try:
+            futures.wait([pool.submit(self._call, s, i) for s, i in enumerate(self.order, 1)])
+        except BaseException:
+            # Interrupted: no new calls; those in flight end when the site is torn down.
+            pool.shutdown(wait=False, cancel_futures=True)
+            self._done.set()
+            raise
+        pool.shutdown()
         seconds = time.monotonic() - start
         self._done.set()
         monitor.join()
@@ -203,7 +215,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def summarize(
-    args: argparse.Namespace, site: Site, runner: Runner, seconds: float, found: dict
+    args: argparse.Namespace,
+    site: Site,
+    runner: Runner,
+    seconds: float,
+    found: dict[str, list[str]],
+    checked: int,
 ) -> dict[str, Any]:
     outcomes = sorted(runner.outcomes, key=lambda o: o["seq"])
     kinds = collections.Counter(o["kind"] for o in outcomes)
@@ -254,13 +271,19 @@ def summarize(
             "max": round(max(times, default=0), 2),
             "mean": round(statistics.fmean(times), 2) if times else 0,
         },
-        "rss_bytes": {"at": runner.rss, "peak": dict(runner.peak)},
+        "rss_bytes": {"at": runner.rss, "peak": dict(runner.peak), "by_call": runner.series},
         "rss_growth": growth,
         "origin": {
             "requests": len(origin_log),
             "faulted": sum(drawn.values()),
             "faults": dict(drawn.most_common()),
             "bytes_sent": site.origin.bytes_sent(),
+            "faulted_requests": [
+                {k: e[k] for k in ("seq", "name", "method", "range", "status", "state")}
+                | {"fault": _fault_name(e["faults"])}
+                for e in origin_log
+                if e["random"]
+            ],
         },
         "cloud": {
             "requests": len(site.cloud.ec2_calls) + len(site.cloud.s3_requests),
@@ -269,6 +292,7 @@ def summarize(
             "registered_images": len(site.cloud.image_ids()),
         },
         "audit": found,
+        "bundles_checked": checked,
         "orphans": sum(
             len(found.get(k, [])) for k in ("orphan_folders", "orphan_manifests", "orphan_images")
         ),
@@ -314,7 +338,15 @@ def render(report: dict[str, Any]) -> str:
         for k, v in report["rss_growth"].items()
     )
     lines.append(f"  RSS growth: {growth}")
-    lines.append(f"  orphans: {report['orphans']}")
+    trend = ", ".join(
+        f"{at}: {v['registrar'] / mib:.0f}/{v['imgstore'] / mib:.0f}"
+        for at, v in report["rss_bytes"]["by_call"].items()
+    )
+    lines.append(f"  RSS MiB by call (registrar/imgstore): {trend}")
+    lines.append(
+        f"  orphans: {report['orphans']}; bundles unbundled and compared with their sources: "
+        f"{report['bundles_checked']}"
+    )
     for key, problems in report["audit"].items():
         for problem in problems[:5]:
             lines.append(f"  {key}: {problem}")
@@ -342,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         read_deadline=args.read_deadline,
         stall=args.stall,
     )
+    # Both end the run through KeyboardInterrupt, so the mount and every server are cleaned up.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     order = call_order(args.calls, args.images, args.seed)
     try:
         with open_site(settings, keep=args.keep) as site:
@@ -354,8 +389,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             runner = Runner(site, order, args.concurrency, args.rss_at)
             seconds = runner.run()
-            found = audit(site, runner.outcomes)
-            report = summarize(args, site, runner, seconds, found)
+            found, checked = audit(site, runner.outcomes)
+            report = summarize(args, site, runner, seconds, found, checked)
             if args.keep:
                 log.info("scratch data kept in %s", site.stack.root.parent)
     except KeyboardInterrupt:
@@ -370,6 +405,10 @@ def main(argv: list[str] | None = None) -> int:
     print(render(report))
     print(f"results: {out}")
     return 0 if not report["failed"] else 1
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
