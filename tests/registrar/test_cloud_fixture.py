@@ -195,3 +195,59 @@ def test_config_and_eucarc_writers(cloud: StandInCloud, tmp_path) -> None:
     text = eucarc.read_text()
     assert f"export EC2_URL={cloud.ec2_url}" in text
     assert (tmp_path / "euca" / "cloud-cert.pem").read_bytes() == cloud.cloud_cert.read_bytes()
+
+
+def test_injected_faults_answer_500_or_slowdown_and_botocore_retries_them(
+    cloud: StandInCloud,
+) -> None:
+    import boto3
+
+    def clients(attempts: int) -> tuple:
+        session = boto3.session.Session(
+            aws_access_key_id=cloud.access_key,
+            aws_secret_access_key=cloud.secret_key,
+            region_name=cloud.region,
+        )
+        config = botocore.config.Config(
+            retries={"total_max_attempts": attempts, "mode": "standard"},
+            s3={"addressing_style": "path"},
+        )
+        return (
+            session.client("s3", endpoint_url=cloud.s3_url, config=config),
+            session.client("ec2", endpoint_url=cloud.ec2_url, config=config),
+        )
+
+    cloud.s3.create_bucket(Bucket=cloud.bucket)
+    s3, ec2 = clients(1)
+    cloud.inject_faults(1.0, seed=3)
+    codes = set()
+    for call in (
+        lambda: s3.put_object(Bucket=cloud.bucket, Key="k", Body=b"x"),
+        lambda: s3.head_object(Bucket=cloud.bucket, Key="k"),  # no body: the status says it
+        lambda: ec2.describe_images(Owners=["self"]),
+    ):
+        for _ in range(4):
+            with pytest.raises(botocore.exceptions.ClientError) as refused:
+                call()
+            codes.add(refused.value.response["ResponseMetadata"]["HTTPStatusCode"])
+    assert codes == {500, 503}
+    injected = cloud.injected_faults
+    assert len(injected) == 12
+    assert {what for what, _, _ in injected} == {"S3 PUT", "S3 HEAD", "DescribeImages"}
+    assert {(status, code) for _, status, code in injected} == {
+        (500, "InternalError"),
+        (503, "SlowDown"),
+    }
+    assert cloud.bucket_keys() == []  # nothing reached moto
+
+    # At a 30 % rate, botocore's retries get every request through.
+    s3, ec2 = clients(10)
+    cloud.inject_faults(0.3, seed=5)
+    for n in range(20):
+        s3.put_object(Bucket=cloud.bucket, Key=f"k{n}", Body=b"x")
+    first = cloud.injected_faults[12:]
+    assert 1 <= len(first) <= 20
+    assert cloud.bucket_keys() == sorted(f"k{n}" for n in range(20))
+    cloud.inject_faults(0, seed=5)
+    ec2.describe_images(Owners=["self"])
+    assert cloud.injected_faults[12:] == first

@@ -23,6 +23,9 @@ proxy of ours in front of moto, at Eucalyptus' own paths (`/services/objectstora
   `cloud.answer_normally()` (to kill the registrar in between);
 - `cloud.hold_pending = True`: DescribeImages reports `pending` instead of `available`, the
   way a slow or stuck Eucalyptus does; `cloud.report_image_state("failed")` any other state;
+- `cloud.inject_faults(rate, seed)`: from then on, a seeded random share `rate` of EC2 and S3
+  requests is answered, without reaching moto, 500 `InternalError` or 503 `SlowDown` (half
+  each), as a busy cloud does; `cloud.injected_faults` lists them (what, status, code);
 - `cloud.expect_parallel_parts(n)`: part uploads wait until n are in flight at once (then
   `cloud.parallel_parts_result` is "tripped"), or give up after a timeout ("broken").
 
@@ -52,6 +55,7 @@ import http.client
 import http.server
 import itertools
 import os
+import random
 import re
 import socket
 import subprocess
@@ -208,6 +212,9 @@ class RecordingProxy:
         self.live_names: dict[str, set[str]] = {}  # name -> ids of images still registered
         self.lost_names: set[str] = set()  # registered, but the proxy lost the answer
         self.read_object: Callable[[str, str], bytes | None] = self._read_from_moto
+        self.fault_rate = 0.0  # inject_faults: the share of requests answered 500 or 503
+        self.fault_rng = random.Random(0)
+        self.injected: list[tuple[str, int, str]] = []  # (action or "S3 <method>", status, code)
         self._lock = threading.Lock()
         proxy = self
 
@@ -266,6 +273,8 @@ class RecordingProxy:
             self.live_names.clear()
             self.lost_names.clear()
             self.read_object = self._read_from_moto
+            self.fault_rate = 0.0
+            self.injected.clear()
 
     def _handle(self, handler: http.server.BaseHTTPRequestHandler) -> None:
         length = int(handler.headers.get("Content-Length") or 0)
@@ -297,9 +306,24 @@ class RecordingProxy:
             lost = action in self.lost_answers
             held = self.held_answers.get(action) if action else None
             state = self.image_state
+            fault = None
+            if refusal is None and self.fault_rate and self.fault_rng.random() < self.fault_rate:
+                fault = self.fault_rng.choice(_INJECTED)
+                self.injected.append((action or f"S3 {handler.command}", *fault))
         if refusal is not None:
             status, code, message = refusal
             self._reply(handler, status, {"Content-Type": "text/xml"}, _ec2_error(code, message))
+            return
+        if fault is not None:
+            status, code = fault
+            error = _ec2_error if action else _s3_error
+            self._reply(
+                handler,
+                status,
+                {"Content-Type": "text/xml"},
+                error(code, "injected by the stand-in cloud"),
+                head=handler.command == "HEAD",
+            )
             return
         if handler.command == "PUT" and ".part." in handler.path:
             self._wait_at_part_barrier()
@@ -458,6 +482,18 @@ class RecordingProxy:
             handler.wfile.write(body)
 
 
+# What inject_faults answers: a cloud's internal error, or its request to slow down.
+_INJECTED = ((500, "InternalError"), (503, "SlowDown"))
+
+
+def _s3_error(code: str, message: str) -> bytes:
+    """An S3 error response body."""
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n<Error>'
+        f"<Code>{code}</Code><Message>{message}</Message><RequestId>stand-in</RequestId></Error>"
+    ).encode()
+
+
 def _ec2_error(code: str, message: str) -> bytes:
     """An EC2 error response body, as Eucalyptus sends one."""
     return (
@@ -543,6 +579,20 @@ class StandInCloud:
         """Let the EC2 endpoint answer every action again."""
         with self._server.proxy._lock:
             self._server.proxy.refusals.clear()
+
+    def inject_faults(self, rate: float, seed: int) -> None:
+        """Answer a seeded random share `rate` of EC2 and S3 requests 500 or 503 SlowDown."""
+        if not 0 <= rate <= 1:
+            raise ValueError(f"rate {rate} is not within [0, 1]")
+        with self._server.proxy._lock:
+            self._server.proxy.fault_rate = rate
+            self._server.proxy.fault_rng = random.Random(seed)
+
+    @property
+    def injected_faults(self) -> list[tuple[str, int, str]]:
+        """The requests inject_faults answered: (action or "S3 <method>", status, code)."""
+        with self._server.proxy._lock:
+            return list(self._server.proxy.injected)
 
     def lose_answer(self, action: str) -> None:
         """Let moto do `action`, but answer the registrar 503, as if the reply was lost."""

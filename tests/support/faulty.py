@@ -42,6 +42,12 @@ When well behaved it answers ``GET``/``HEAD /<name>`` with ``200``, ``Content-Le
   ``name`` is in ``state`` (e.g. ``"paused"``: the server is provably stalling now); return its
   log entry. Fails the test at the deadline.
 - ``close()`` -- stop the server (the fixture does it).
+- ``random_faults(rate, seed, mix=RANDOM_MIX)`` -- from now on, each request that no script
+  entry covers is, with probability ``rate``, answered per one ``Faults`` drawn from ``mix``
+  instead of per ``then`` (one ``random.Random(seed)``, drawn under the server's lock, so a
+  serial client sees the same faults in every run). ``rate=0`` turns it off. Such requests'
+  log entries have ``"random": True`` (others ``False``); ``random_faulted(name=None) -> int``
+  counts them. ``RANDOM_MIX`` is a few resets mid-body, 503s and short stalls.
 
 ``Faults`` (a frozen dataclass; all fields default to "behave"):
 
@@ -66,6 +72,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import logging
+import random
 import socket
 import struct
 import threading
@@ -99,6 +106,20 @@ class Faults:
     chunked: bool = False
     flip: tuple[int, ...] = ()
     new_content: bytes | None = None
+
+
+# The default mix of `random_faults`: resets at the start and mid-body, 503s (with and without
+# Retry-After), short stalls before and inside the body. Each long enough to be seen, none longer
+# than a client's usual read timeout.
+RANDOM_MIX: tuple[Faults, ...] = (
+    Faults(reset_after=0),
+    Faults(reset_after=100_000),
+    Faults(reset_after=1_000_000),
+    Faults(status=503),
+    Faults(status=503, retry_after="1"),
+    Faults(stall_headers=2.0),
+    Faults(stall=2.0, stall_at=200_000),
+)
 
 
 @dataclass
@@ -189,12 +210,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             "status": None,
             "body_bytes": 0,
             "state": "started",
+            "random": False,
         }
         with self.server.lock:
             self.server.seq += 1
             entry["seq"] = self.server.seq
             f = self.server.files.setdefault(name, _File())
-            faults = f.script.popleft() if f.script else f.then
+            drawn = None if f.script else self.server.draw()
+            entry["random"] = drawn is not None
+            faults = f.script.popleft() if f.script else drawn or f.then
             if faults.new_content is not None:
                 f.replace(faults.new_content)
             entry["faults"] = faults
@@ -303,6 +327,15 @@ class _Server(http.server.ThreadingHTTPServer):
         self.stopping = threading.Event()
         self.active: set[socket.socket] = set()
         self.seq = 0  # orders log entries across files
+        self.rate = 0.0  # random_faults: the share of requests answered per a drawn fault
+        self.mix: tuple[Faults, ...] = RANDOM_MIX
+        self.rng = random.Random(0)
+
+    def draw(self) -> Faults | None:
+        """A fault drawn for the next unscripted request, or None (call with the lock held)."""
+        if self.rate <= 0 or self.rng.random() >= self.rate:
+            return None
+        return self.rng.choice(self.mix)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         # Recorded here, in the serving thread, so close() sees every accepted connection.
@@ -362,6 +395,19 @@ class FaultyOrigin:
             f = self._file(name)
             f.script = deque(script)
             f.then = Faults(**always) if always else (then or Faults())
+
+    def random_faults(self, rate: float, seed: int, mix: tuple[Faults, ...] = RANDOM_MIX) -> None:
+        """Answer a share `rate` of unscripted requests per faults drawn from `mix`."""
+        if not 0 <= rate <= 1 or not mix:
+            raise ValueError("rate must be within [0, 1] and mix must not be empty")
+        with self._server.lock:
+            self._server.rate = rate
+            self._server.mix = tuple(mix)
+            self._server.rng = random.Random(seed)
+
+    def random_faulted(self, name: str | None = None) -> int:
+        """How many requests (for `name`, or all) were answered per a randomly drawn fault."""
+        return sum(1 for e in self.log(name) if e["random"])
 
     def log(self, name: str | None = None) -> list[dict[str, Any]]:
         with self._server.lock:
