@@ -27,6 +27,10 @@ from imgstore.errors import OriginChanged, OriginError
 USER_AGENT = "imgstore"
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
 _IDLE_PER_POOL = 16
+# The most one readinto asks for. A buffered reader fills a large request with several socket
+# reads, and a reset in the middle loses all of them (the exception carries no count): pieces
+# keep what arrived before a reset, so the retry resumes after it.
+_PIECE = 256 * 1024
 
 
 # What a kept-alive connection that the server has closed meanwhile fails with, before any
@@ -149,7 +153,7 @@ class RangeGetter:
                 )
             try:
                 while received < len(buf):
-                    n = resp.readinto(buf[received:])
+                    n = resp.readinto(buf[received : received + _PIECE])
                     if not n:
                         break
                     received += n
