@@ -147,6 +147,10 @@ class RangeGetter:
                 raise NoRange(f"{url}: answered 200 to a Range request")
             content_range = resp.getheader("Content-Range")
             if parse_content_range(content_range) not in ((start, end, size), (start, end, None)):
+                if _ended(resp):
+                    # http.client takes the end of the stream for the end of the headers: an
+                    # answer cut inside them lacks what came after the cut.
+                    raise Retry(f"answer ended in its headers (Content-Range {content_range!r})")
                 raise OriginError(
                     f"{url}: asked bytes {start}-{end - 1}/{size}, got "
                     f"Content-Range {content_range!r}"
@@ -218,6 +222,14 @@ class RangeGetter:
                 pool.append(conn)
                 return
         conn.close()
+
+
+def _ended(resp: http.client.HTTPResponse) -> bool:
+    """Whether the answer has nothing after its headers (the connection ended there)."""
+    try:
+        return resp.fp is None or not resp.fp.peek(1)
+    except (OSError, ValueError):
+        return True
 
 
 def _host_header(t: _Target) -> str:

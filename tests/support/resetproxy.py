@@ -180,7 +180,7 @@ class ResetProxy:
                     passed += len(data)
                     with self._lock:
                         self._client_bytes += len(data)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: `close` closed a socket under select
             pass
         finally:
             self._forget(client, upstream)
