@@ -110,6 +110,7 @@ class RangeGetter:
         end = start + len(buf)
         target = self._target(url)
         conn, reused = self._checkout(target)
+        resp: http.client.HTTPResponse | None = None
         reusable = False
         received = 0
         try:
@@ -172,6 +173,10 @@ class RangeGetter:
             if reusable:
                 self._checkin(target, conn)
             else:
+                if resp is not None:
+                    # The answer's reader holds the socket open: closing only the connection
+                    # would leave its descriptor to the garbage collector.
+                    resp.close()
                 conn.close()
 
     def _target(self, url: str) -> _Target:
