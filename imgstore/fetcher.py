@@ -160,12 +160,17 @@ class Origin:
     async def probe(self, url: str) -> Probe:
         """Learn a URL's exact size, its ETag and whether Range works.
 
-        A real ranged GET of byte 0 (206 + Content-Range); else the 200's or HEAD's
-        Content-Length; else (a chunked server ignoring Range) the body is counted once.
+        A HEAD first: an origin that says it ignores Range is known from it (see
+        `_probe_head`). Else a real ranged GET of byte 0 (206 + Content-Range); else the 200's
+        or HEAD's Content-Length; else (a chunked server ignoring Range) the body is counted
+        once.
         """
         url = check_url(url)
         try:
             client = self._client(url)
+            known = await self._probe_head(client, url)
+            if known is not None:
+                return known
             async with client.stream("GET", url, headers={"Range": "bytes=0-0"}) as resp:
                 etag = resp.headers.get("ETag")
                 if resp.status_code == 206:
@@ -189,6 +194,28 @@ class Origin:
             return Probe(await self._count_body(client, url), etag, False)
         except httpx.HTTPError as exc:
             raise OriginError(f"{url}: {_describe(exc)}") from exc
+
+    async def _probe_head(self, client: httpx.AsyncClient, url: str) -> Probe | None:
+        """The size from a HEAD whose answer says Range is not taken; None to ask by GET.
+
+        An origin that ignores Range answers the GET probe's one byte with the whole body,
+        and keeps sending until it notices we hung up: nginx counted 3.75 MiB of a 32 MiB blob
+        on loopback, more than the 5 % such a blob may cost. Its HEAD tells the same for
+        nothing: a Content-Length and no `Accept-Ranges: bytes`. Any other answer (ranges
+        advertised, HEAD refused, no length) is left to the GET probe, which checks ranges
+        for real.
+        """
+        try:
+            head = await client.head(url)
+        except httpx.HTTPError:
+            return None  # the GET probe says what is wrong, in its own words
+        length = head.headers.get("Content-Length")
+        if head.status_code != 200 or length is None or not length.isdigit():
+            return None
+        if "bytes" in head.headers.get("Accept-Ranges", "").lower():
+            return None
+        log.info("%s does not take Range (its HEAD says so): it will be streamed whole", url)
+        return Probe(int(length), head.headers.get("ETag"), False)
 
     async def _count_body(self, client: httpx.AsyncClient, url: str) -> int:
         """The last resort for a size: no Range, no Content-Length, not even from HEAD.
