@@ -108,7 +108,7 @@ class ResetProxy:
         with self._lock:
             self._closed = True
             socks = list(self._open)
-        self._listener.close()
+        _shut(self._listener)  # shutdown wakes the accept(); a bare close() would not
         for s in socks:
             _shut(s)
         self._thread.join(timeout=5)
