@@ -234,9 +234,7 @@ def small_blob() -> bytes:
 @pytest.mark.parametrize("trusted", [True, False], ids=["thread", "httpx"])
 @pytest.mark.parametrize("after", POINTS)
 @pytest.mark.trio
-async def test_a_cut_at_any_point_of_any_answer_is_retried(
-    origin, small_blob, trusted, how, after
-):
+async def test_a_cut_at_any_point_of_any_answer_is_retried(origin, small_blob, trusted, how, after):
     origin.put("s.img", small_blob)
     with start_reset_proxy(origin.port, after=after, first=8, how=how) as proxy:
         got = await fetch_all_ranges(proxy.url("s.img"), trusted)
