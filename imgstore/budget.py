@@ -83,10 +83,20 @@ class Budget:
         finally:
             self.reserved -= need
 
-    async def make_room(self, sha1: str, need: int, *, force: bool = False) -> None:
-        """Like `reserve`'s first step, for a write that met ENOSPC: evict, reserve nothing."""
+    async def make_room(self, sha1: str, length: int, *, force: bool = False) -> None:
+        """Like `reserve`'s first step, for a write that met ENOSPC: evict, reserve nothing.
+
+        The write still holds its reservation of `length`: it is not counted again here, or
+        a write that an eviction made room for would need room for itself twice over, and
+        fail with CacheFull naming no cause.
+        """
+        held = round_up(length) + METADATA_SLACK
         async with self._lock:
-            await self._make_room(sha1, need, force=force)
+            self.reserved -= held
+            try:
+                await self._make_room(sha1, held, force=force)
+            finally:
+                self.reserved += held
 
     async def _make_room(self, sha1: str, need: int, *, force: bool = False) -> None:
         """Evict least-recently-used blobs until `need` bytes fit; CacheFull if they cannot.
@@ -141,6 +151,8 @@ class Budget:
             try:
                 freed = await self._io(evict_blob, self.cfg.cache_dir, self.catalog, sha1)
             except BlobBusy:
+                # Said, so that a CacheFull that follows has its cause in the log.
+                log.info("blob %s is open: not evicted", sha1)
                 continue
             self.allocated[sha1] = 0
             self.evictions += 1

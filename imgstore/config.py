@@ -12,6 +12,9 @@ Keys of `[store]`:
 - `max_requests`: ranged requests in flight per blob, default 8
 - `read_deadline`: seconds a read may wait for the origin before failing with EIO, default 60
 - `connect_timeout`: seconds, default 10
+- `stall_timeout`: seconds a connection may stay silent mid-answer before it is dropped and the
+  request retried on a new one (from the byte where it stopped), default 15; at most half of
+  `read_deadline`, so that a retry fits in it
 - `retries`: attempts per URL per chunk, default 4
 - `fs_name`: name shown in /proc/mounts, default "imgstore"
 - `allow_other`: let other users read the mount, default false
@@ -98,6 +101,7 @@ class StoreConfig:
     max_requests: int = 8
     read_deadline: float = 60.0
     connect_timeout: float = 10.0
+    stall_timeout: float = 15.0
     retries: int = 4
     fs_name: str = "imgstore"
     allow_other: bool = False
@@ -105,10 +109,17 @@ class StoreConfig:
     metrics_listen: str = ""
     http_proxy: str = ""
 
+    @property
+    def socket_timeout(self) -> float:
+        """How long a connection may stay silent: `stall_timeout`, but at most half the read
+        deadline. A silent connection that waited the whole deadline (a peer gone without an
+        RST reaching us) would turn into EIO without a single retry."""
+        return min(self.stall_timeout, self.read_deadline / 2)
+
 
 _SIZE_KEYS = {"cache_size", "min_free", "chunk_size", "readahead_max"}
 _INT_KEYS = {"max_requests", "retries"}
-_FLOAT_KEYS = {"read_deadline", "connect_timeout"}
+_FLOAT_KEYS = {"read_deadline", "connect_timeout", "stall_timeout"}
 _KNOWN = {f.name for f in dataclasses.fields(StoreConfig)}
 
 

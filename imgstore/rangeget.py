@@ -27,6 +27,10 @@ from imgstore.errors import OriginChanged, OriginError
 USER_AGENT = "imgstore"
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
 _IDLE_PER_POOL = 16
+# The most one readinto asks for. A buffered reader fills a large request with several socket
+# reads, and a reset in the middle loses all of them (the exception carries no count): pieces
+# keep what arrived before a reset, so the retry resumes after it.
+_PIECE = 256 * 1024
 
 
 # What a kept-alive connection that the server has closed meanwhile fails with, before any
@@ -106,6 +110,7 @@ class RangeGetter:
         end = start + len(buf)
         target = self._target(url)
         conn, reused = self._checkout(target)
+        resp: http.client.HTTPResponse | None = None
         reusable = False
         received = 0
         try:
@@ -143,13 +148,17 @@ class RangeGetter:
                 raise NoRange(f"{url}: answered 200 to a Range request")
             content_range = resp.getheader("Content-Range")
             if parse_content_range(content_range) not in ((start, end, size), (start, end, None)):
+                if _ended(resp):
+                    # http.client takes the end of the stream for the end of the headers: an
+                    # answer cut inside them lacks what came after the cut.
+                    raise Retry(f"answer ended in its headers (Content-Range {content_range!r})")
                 raise OriginError(
                     f"{url}: asked bytes {start}-{end - 1}/{size}, got "
                     f"Content-Range {content_range!r}"
                 )
             try:
                 while received < len(buf):
-                    n = resp.readinto(buf[received:])
+                    n = resp.readinto(buf[received : received + _PIECE])
                     if not n:
                         break
                     received += n
@@ -164,6 +173,10 @@ class RangeGetter:
             if reusable:
                 self._checkin(target, conn)
             else:
+                if resp is not None:
+                    # The answer's reader holds the socket open: closing only the connection
+                    # would leave its descriptor to the garbage collector.
+                    resp.close()
                 conn.close()
 
     def _target(self, url: str) -> _Target:
@@ -214,6 +227,14 @@ class RangeGetter:
                 pool.append(conn)
                 return
         conn.close()
+
+
+def _ended(resp: http.client.HTTPResponse) -> bool:
+    """Whether the answer has nothing after its headers (the connection ended there)."""
+    try:
+        return resp.fp is None or not resp.fp.peek(1)
+    except (OSError, ValueError):
+        return True
 
 
 def _host_header(t: _Target) -> str:

@@ -517,7 +517,10 @@ class Store:
         async def consume(offset: int, piece: bytes) -> None:
             nonlocal pending, pending_start
             self.metrics.origin_bytes.inc(len(piece))
-            if not pending:
+            if offset != pending_start + len(pending):
+                # The body broke and restarted from 0: what is pending belongs to the broken
+                # answer and must not be joined to the new one's bytes.
+                pending.clear()
                 pending_start = offset
             pending += piece
             while pending:
@@ -898,7 +901,7 @@ async def open_store(cfg: StoreConfig) -> AsyncIterator[Store]:
     # written or hashed; more are allocated (and freed) when a burst needs them.
     pool = BufferPool(cfg.chunk_size, cfg.max_requests + RECENT_CHUNKS + 2)
     origin = Origin(
-        cfg.connect_timeout, cfg.read_deadline, cfg.retries, policy, cfg.http_proxy, pool
+        cfg.connect_timeout, cfg.socket_timeout, cfg.retries, policy, cfg.http_proxy, pool
     )
     try:
         async with trio.open_nursery() as nursery:

@@ -48,8 +48,9 @@ def test_imgstore_killed_mid_read_then_the_same_request_succeeds(
         _Publisher(faulty_origin), size_mib=16, fs_format="raw", kernel=False, ramdisk=False
     )
     fs = images.parts["FILESYSTEM"]
-    # Request 1 is the probe of the add; request 2 (the first chunk) stalls mid-body.
-    faulty_origin.program(fs.name, Faults(), Faults(stall=60.0, stall_at=64 * 1024))
+    # Requests 1 and 2 are the probe of the add (a HEAD, then one ranged byte); request 3 (the
+    # first chunk) stalls mid-body.
+    faulty_origin.program(fs.name, Faults(), Faults(), Faults(stall=60.0, stall_at=64 * 1024))
     service = stack.zeep(stack.start())
     caller, outcome = register_in_background(service, images.metadata_url, images.metadata_sha1)
     _wait_paused(faulty_origin, fs.name)  # the read is provably in flight

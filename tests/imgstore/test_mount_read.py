@@ -154,7 +154,8 @@ def test_sequential_reader_gets_a_growing_readahead(store, origin, image_factory
         wait_for(lambda: cached() >= 16 * MiB, what="readahead beyond the bytes read")
     finally:
         os.close(fd)
-    ranges = [e["range"] for e in origin.log("seq.bin") if e["range"] != "bytes=0-0"]
+    # Not the probe's HEAD and one byte.
+    ranges = [e["range"] for e in origin.log("seq.bin") if e["range"] not in ("", "bytes=0-0")]
     assert len(ranges) >= 4
     assert all(r.startswith("bytes=") for r in ranges)
     # Aligned chunks, so a slice-caching proxy can cache them.

@@ -157,7 +157,7 @@ def test_a_server_ignoring_range_is_caught(
     image_factory: ImageFactory,
     tmp_path: Path,
 ) -> None:
-    with start_origin(tmp_path / "norange", extra="max_ranges 0;") as origin:
+    with start_origin(tmp_path / "norange", extra_http="max_ranges 0;") as origin:
         published = publish_to(origin, tmp_path / "img", image_factory.ext4(FS_MIB))
 
         code, out, _ = run(capsys, "check", published.metadata_url, published.metadata_sha1)

@@ -8,7 +8,7 @@ Fixtures
 ``origin_factory`` (function scope)
     ``origin_factory() -> Origin`` starts one more, e.g. for a mirror. All stop at teardown.
 
-Plain helper: ``start_origin(workdir: Path, extra="") -> Origin`` (call ``.stop()``, or use it as a
+Plain helper: ``start_origin(workdir: Path, extra_http="") -> Origin`` (call ``.stop()``, or use it as a
 context manager) for code outside pytest fixtures.
 
 ``Origin`` API
@@ -74,13 +74,13 @@ _LOG_FORMAT = (
 )
 
 
-def _conf(workdir: Path, root: Path, port: int, extra: str = "") -> str:
+def _conf(workdir: Path, root: Path, port: int, extra_http: str = "") -> str:
     http = "\n".join(
         (
             "    default_type application/octet-stream;",
             "    sendfile on;",
             "    keepalive_timeout 60s;",
-            f"    {extra}",
+            *([f"    {extra_http}"] if extra_http else []),
         )
     )
     server = f"        root {root};\n        location = {_STATUS} {{ stub_status; }}"
@@ -96,10 +96,10 @@ class Origin(CountedServer):
 
     sync_prefix = _SYNC_PREFIX
 
-    def __init__(self, workdir: Path, extra: str = "") -> None:
+    def __init__(self, workdir: Path, extra_http: str = "") -> None:
         root = workdir / "root"
         root.mkdir(parents=True, exist_ok=True)
-        super().__init__(workdir, lambda port: _conf(workdir, root, port, extra))
+        super().__init__(workdir, lambda port: _conf(workdir, root, port, extra_http))
         self.root = root
         self.base_url = ""
 
@@ -161,14 +161,14 @@ class Origin(CountedServer):
             time.sleep(0.005)
 
 
-def start_origin(workdir: Path, extra: str = "") -> Origin:
+def start_origin(workdir: Path, extra_http: str = "") -> Origin:
     """Start nginx serving ``workdir / "root"``; its config and logs also live in ``workdir``.
 
-    ``extra``: more directives for nginx's http block (``"max_ranges 0;"``: a server that
-    ignores Range).
+    ``extra_http``: more directives for nginx's ``http`` block, e.g. ``"max_ranges 0;"`` for an
+    origin that ignores ``Range``.
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    return Origin(workdir, extra).start()
+    return Origin(workdir, extra_http).start()
 
 
 @pytest.fixture
