@@ -8,8 +8,8 @@ Fixtures
 ``origin_factory`` (function scope)
     ``origin_factory() -> Origin`` starts one more, e.g. for a mirror. All stop at teardown.
 
-Plain helper: ``start_origin(workdir: Path, extra_http="") -> Origin`` (call ``.stop()``, or use it as a
-context manager) for code outside pytest fixtures.
+Plain helper: ``start_origin(workdir: Path, extra_http="") -> Origin`` (call ``.stop()``, or
+use it as a context manager) for code outside pytest fixtures.
 
 ``Origin`` API
 --------------
