@@ -166,6 +166,22 @@ class Origin:
         once.
         """
         url = check_url(url)
+        # A 5xx, a 429 or a broken connection is retried as a chunk fetch is: one busy moment
+        # of the origin must not fail a whole registration.
+        attempts = _Attempts(self.retries)
+        while True:
+            try:
+                return await self._probe_once(url)
+            except (_Retry, httpx.TransportError) as exc:
+                reason = str(exc) if isinstance(exc, _Retry) else _describe(exc)
+                wait = attempts.failed(progressed=False)
+                if wait is None:
+                    raise OriginError(f"{url}: {reason}") from exc
+                log.info("retrying the probe of %s: %s", url, reason)
+                await trio.sleep(wait)
+
+    async def _probe_once(self, url: str) -> Probe:
+        """One probe (see `probe`); _Retry or a transport error when it may work next time."""
         try:
             client = self._client(url)
             known = await self._probe_head(client, url)
@@ -186,12 +202,14 @@ class Origin:
                 elif resp.status_code == 416:
                     return Probe(0, etag, True)  # an empty file has no byte 0
                 else:
-                    raise OriginError(f"{url}: HTTP {resp.status_code} {resp.reason_phrase}")
+                    _check_status(url, resp)
             head = await client.head(url)
             length = head.headers.get("Content-Length")
             if head.status_code == 200 and length is not None and length.isdigit():
                 return Probe(int(length), etag, False)
             return Probe(await self._count_body(client, url), etag, False)
+        except httpx.TransportError:
+            raise
         except httpx.HTTPError as exc:
             raise OriginError(f"{url}: {_describe(exc)}") from exc
 

@@ -109,7 +109,9 @@ class Blobs:
         except BadUrl as exc:
             raise InvalidURL(f"{what} URL {url} cannot be used: {exc}") from exc
         except OriginError as exc:
-            raise FetchError(f"cannot fetch {what} at {url}: {exc}") from exc
+            # imgstore's message starts with the URL, which ours has just named.
+            reason = str(exc).removeprefix(f"{url}: ")
+            raise FetchError(f"cannot fetch {what} at {url}: {reason}") from exc
         except StoreError as exc:
             raise FetchError(f"imgstore cannot take {what} at {url}: {exc}") from exc
 

@@ -162,3 +162,23 @@ async def test_chunked_origin_ignoring_range_still_works(tmp_path, faulty_origin
     async with open_store(config(tmp_path)) as store:
         assert await read_all(store, sha1) == data
     assert client.info(tmp_path, sha1).state == "verified"
+
+
+def test_a_busy_origin_at_add_is_retried_not_fatal(tmp_path, faulty_origin):
+    """One 503 (or a reset) while `add` probes must not fail the registration that asked."""
+    data = os.urandom(CHUNK)
+    sha1 = hashlib.sha1(data).hexdigest()
+    url = faulty_origin.add("a", data)
+    faulty_origin.program("a", Faults(status=503), Faults(status=503))  # its HEAD and GET
+    blob = client.add(tmp_path, sha1, [url], chunk_size=CHUNK)
+    assert blob.size == CHUNK
+    seen = [(e["method"], e["status"]) for e in faulty_origin.log("a")]
+    assert seen == [("HEAD", 503), ("GET", 503), ("HEAD", 200), ("GET", 206)]
+
+
+def test_an_origin_that_stays_busy_fails_add_in_one_line(tmp_path, faulty_origin):
+    url = faulty_origin.add("a", os.urandom(1000))
+    faulty_origin.program("a", *[Faults(status=503)] * 20)
+    with pytest.raises(OriginError) as caught:
+        client.add(tmp_path, "a" * 40, [url], chunk_size=CHUNK)
+    assert str(caught.value) == f"{url}: HTTP 503"
