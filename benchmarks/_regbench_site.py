@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +54,17 @@ REGISTRAR = str(Path(sys.executable).parent / "registrar")
 IMGSTORE = str(Path(sys.executable).parent / "imgstore")
 WSDL = ROOT / "registrar" / "imageproxy.wsdl"
 SOAP11_BINDING = "{http://imageproxy.orca}IMAGEPROXYSoap11Binding"
+_CONTEXT_MODULE = """\
+import glance.context
+from glance.api.middleware.context import UnauthenticatedContextMiddleware
+
+
+class ProjectContext(UnauthenticatedContextMiddleware):
+    def process_request(self, req):
+        req.context = glance.context.RequestContext(
+            user_id="bench", project_id="bench", roles=["admin"], is_admin=True
+        )
+"""
 _LISTENING = re.compile(r"SOAP service listening on (http://[^\s/]+)")
 START_DEADLINE_S = 60.0
 
@@ -109,7 +121,12 @@ def build_images(directory: Path, size_mib: int) -> list[ImageFile]:
 
 
 class ImportGlance(GlanceServer):
-    """Glance with `web-download` enabled and the origin (on loopback) allowed to import from."""
+    """Glance with `web-download` enabled and the origin (on loopback) allowed to import from.
+
+    As in the tests, it serves one request at a time (sqlite refuses concurrent writers with
+    "database is locked"), so ours, which uploads the filesystem and the QCOW2 at once, has
+    them queued; a production Glance (MySQL, several workers) would take both.
+    """
 
     def __init__(self, directory: Path, origin_port: int) -> None:
         super().__init__(directory)
@@ -125,21 +142,31 @@ class ImportGlance(GlanceServer):
         )
         text += (
             "\n[import_filtering_opts]\n"
-            "allowed_hosts = 127.0.0.1\n"
-            f"allowed_ports = {self.origin_port}\n"
+            "allowed_hosts = [127.0.0.1]\n"
+            f"allowed_ports = [{self.origin_port}]\n"
         )
         conf.write_text(text)
+        # An import is a task, and Glance refuses a task without an owner: the anonymous admin
+        # of no project that Glance without Keystone makes gets a project (still no Keystone).
+        (self.dir / "bench_context.py").write_text(_CONTEXT_MODULE)
+        paste = self.dir / "glance-api-paste.ini"
+        paste.write_text(
+            paste.read_text().replace(
+                "glance.api.middleware.context:UnauthenticatedContextMiddleware.factory",
+                "bench_context:ProjectContext.factory",
+            )
+        )
 
     def spawn(self, template: Path | None = None) -> None:
-        # Four threads, not the tests' one: ours uploads the filesystem and the QCOW2 at once,
-        # and a production Glance (several workers) takes both; one thread would queue them.
+        """As the tests' Glance (one request at a time), with this directory on its path."""
         self.write_config()
         env = _clean_env(OS_GLANCE_CONFIG_DIR=str(self.dir))
         conf = self.dir / "glance-api.conf"
         _run([_venv_bin(GLANCE_VENV, "glance-manage"), "--config-file", conf, "db_sync"],
              log=self.log, env=env)  # fmt: skip
         app = "glance.wsgi.api:application"
-        self.process.spawn(_gunicorn(GLANCE_VENV, self.port, app, threads=4), env)
+        command = _gunicorn(GLANCE_VENV, self.port, app, "--pythonpath", str(self.dir), threads=1)
+        self.process.spawn(command, env)
 
     def call(self, method: str, path: str, body: Any = None, content_type: str = "") -> Any:
         data = None if body is None else json.dumps(body).encode()
@@ -147,8 +174,14 @@ class ImportGlance(GlanceServer):
         request = urllib.request.Request(
             f"{self.url}/v2{path}", data=data, method=method, headers=headers
         )
-        with urllib.request.urlopen(request, timeout=120) as response:
-            text = response.read()
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                text = response.read()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace").strip().replace("\n", " ")[-300:]
+            raise SiteError(f"Glance {method} {path}: HTTP {exc.code}: {detail}") from exc
+        except OSError as exc:
+            raise SiteError(f"Glance {method} {path}: {exc}") from exc
         return json.loads(text) if text else None
 
     def delete_all(self) -> None:
@@ -198,6 +231,8 @@ class Site:
         self.metadata_url = ""
         self.metadata_sha1 = ""
         self.cloud_cert = self.user_cert = self.user_key = Path()
+        fs = next(i for i in images if i.type == "FILESYSTEM").path
+        self.raw_fs_size = fs.with_suffix("").stat().st_size  # the image before gzip
 
     def __enter__(self) -> Site:
         try:

@@ -178,11 +178,13 @@ def euca_original(site: Site, work: Path, bucket: str) -> dict[str, str]:
 
 def _manifest(name: str, image_type: str, parts: list[str]) -> bytes:
     """A bundle manifest of the parts' names (what euca-bundle-image writes, minus crypto)."""
-    items = "".join(f'<part index="{i}"><filename>{p}</filename></part>' for i, p in enumerate(parts))
+    items = "".join(
+        f'<part index="{i}"><filename>{p}</filename></part>' for i, p in enumerate(parts)
+    )
     return (
         '<?xml version="1.0" ?><manifest><version>2007-10-10</version><machine_configuration>'
         f"<architecture>x86_64</architecture></machine_configuration><image><name>{name}</name>"
-        f"<type>{image_type}</type><parts count=\"{len(parts)}\">{items}</parts></image></manifest>"
+        f'<type>{image_type}</type><parts count="{len(parts)}">{items}</parts></image></manifest>'
     ).encode()
 
 
@@ -303,15 +305,42 @@ def one_run(site: Site, cloud: str, case: str, work: Path, drop: bool) -> tuple[
         start = time.monotonic()
         ids = call()
         seconds = time.monotonic() - start
-    _check_ids(cloud, case, ids)
+    _check_ids(site, cloud, case, ids)
     return seconds, ids
 
 
-def _check_ids(cloud: str, case: str, ids: dict[str, str]) -> None:
+def _check_ids(site: Site, cloud: str, case: str, ids: dict[str, str]) -> None:
+    """Each id names an image the cloud has, usable, and in Glance of the expected size."""
     want = {"FILESYSTEM", "KERNEL", "RAMDISK"} | ({"QCOW2"} if cloud == "openstack" else set())
     have = {k for k, v in ids.items() if v}
     if not want <= have:
         raise RunFailed(f"{cloud} {case}: no id for {sorted(want - have)} in {ids}")
+    if cloud == "eucalyptus":
+        import boto3
+
+        assert site.moto is not None
+        ec2 = boto3.client(
+            "ec2",
+            endpoint_url=site.moto.url,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
+        found = ec2.describe_images(ImageIds=[ids[k] for k in sorted(want)])["Images"]
+        if sorted(i["State"] for i in found) != ["available"] * len(want):
+            raise RunFailed(f"{cloud} {case}: images not all available: {found}")
+        return
+    assert site.glance is not None
+    sizes = {i.type: i.path.stat().st_size for i in site.images}
+    if case != "web-download":  # the others store the filesystem decompressed
+        sizes["FILESYSTEM"] = site.raw_fs_size
+    for kind in sorted(want):
+        image = site.glance.call("GET", f"/images/{ids[kind]}")
+        if (image["status"], image["size"]) != ("active", sizes[kind]):
+            raise RunFailed(
+                f"{cloud} {case}: {kind} is {image['status']} with {image['size']} bytes, "
+                f"not active with {sizes[kind]}"
+            )
 
 
 def _clean(site: Site, cloud: str) -> None:
@@ -398,9 +427,7 @@ def main() -> int:
             continue
         ratio = stats[cloud][case]["median"] / stats[cloud][base]["median"]
         met = ratio <= target
-        checks.append(
-            {"cloud": cloud, "vs": base, "ratio": ratio, "target": target, "met": met}
-        )
+        checks.append({"cloud": cloud, "vs": base, "ratio": ratio, "target": target, "met": met})
         lines.append(
             f"{cloud:11} ours / {base:13} {ratio:6.3f}×  target ≤ {target:.1f}×  "
             f"{'met' if met else 'MISSED'}"
