@@ -262,6 +262,7 @@ class Site:
             self.moto = MotoProcess(self.workdir / "moto.log")
             self.moto.start()
             self._stack.callback(self.moto.stop)
+            self.reset_moto()
         if "openstack" in self.clouds:
             glance_dir = self.workdir / "glance"
             shutil.rmtree(glance_dir, ignore_errors=True)
@@ -272,6 +273,25 @@ class Site:
                 self.glance.start()
             except RuntimeError as exc:
                 raise SiteError(str(exc)) from exc
+
+    def reset_moto(self) -> None:
+        """Forget every bucket and image, then wake moto's EC2 and S3 again.
+
+        moto builds its EC2 backend on the first call after a start or reset (about a second
+        here): without this, whichever case comes first would pay for it.
+        """
+        import boto3
+
+        assert self.moto is not None
+        self.moto.reset()
+        keys = {
+            "endpoint_url": self.moto.url,
+            "aws_access_key_id": "testing",
+            "aws_secret_access_key": "testing",
+            "region_name": "us-east-1",
+        }
+        boto3.client("ec2", **keys).describe_images(Owners=["self"])
+        boto3.client("s3", **keys).list_buckets()
 
     def warm_origin(self) -> None:
         """Drop the page cache, then read the origin's files back into it.
@@ -381,11 +401,27 @@ def _healthy(base_url: str) -> bool:
 
 
 @contextlib.contextmanager
-def scratch(directory: Path) -> Iterator[Path]:
-    """A fresh directory, removed afterwards."""
-    shutil.rmtree(directory, ignore_errors=True)
+def scratch(directory: Path, keep_as: Path | None = None) -> Iterator[Path]:
+    """A fresh directory, removed afterwards (or renamed to `keep_as`, logs and all)."""
+    _remove(directory)
     directory.mkdir(parents=True)
     try:
         yield directory
     finally:
-        shutil.rmtree(directory, ignore_errors=True)
+        if keep_as is not None:
+            _remove(keep_as)
+            _detach(directory / "mnt")
+            shutil.rmtree(directory / "cache", ignore_errors=True)  # the image bytes
+            directory.rename(keep_as)
+        else:
+            _remove(directory)
+
+
+def _remove(directory: Path) -> None:
+    _detach(directory / "mnt")  # never descend into a mount left behind
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _detach(mountpoint: Path) -> None:
+    if os.path.ismount(mountpoint):
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)

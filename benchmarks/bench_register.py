@@ -346,8 +346,7 @@ def _check_ids(site: Site, cloud: str, case: str, ids: dict[str, str]) -> None:
 def _clean(site: Site, cloud: str) -> None:
     """Forget the run's images: moto keeps them in memory, Glance on disk."""
     if cloud == "eucalyptus":
-        assert site.moto is not None
-        site.moto.reset()
+        site.reset_moto()
     else:
         assert site.glance is not None
         site.glance.delete_all()
@@ -373,6 +372,11 @@ def main() -> int:
     parser.add_argument(
         "--no-drop-caches", action="store_true", help="keep the page cache (for smoke tests)"
     )
+    parser.add_argument(
+        "--keep-runs",
+        action="store_true",
+        help="keep each run's logs and files (not the image cache) in WORKDIR/kept-*",
+    )
     parser.add_argument("--json", type=Path, help="result file (default benchmarks/results/)")
     parser.add_argument("--check-targets", action="store_true", help="exit 3 if a target is missed")
     args = parser.parse_args()
@@ -396,7 +400,10 @@ def main() -> int:
             for run in range(args.runs):
                 for cloud in clouds:
                     for case in CASES[cloud]:
-                        with scratch(args.workdir / "run") as work:
+                        keep = None
+                        if args.keep_runs:
+                            keep = args.workdir / f"kept-{cloud}-{case}-{run + 1}"
+                        with scratch(args.workdir / "run", keep) as work:
                             try:
                                 seconds, _ = one_run(site, cloud, case, work, drop)
                             finally:
