@@ -29,7 +29,8 @@ Prints a table (median and min–max seconds per case) and the ratios against th
 issue 15 (Eucalyptus ≤ 0.2× the original; OpenStack ≤ 0.6× the original and ≤ 1.0× Glance's
 web-download), and writes the figures as JSON under benchmarks/results/. Run as root (it drops
 the page cache; --no-drop-caches for smoke tests). Exit codes: 0 done (targets met or not, see
-the table; with --check-targets, 3 if one was missed); 2 a tool is missing or a run failed.
+the table; with --check-targets, 3 if one was missed); 2 a tool is missing or a run failed;
+130 interrupted (SIGINT or SIGTERM: every server and mount it started is stopped first).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -415,6 +417,9 @@ def main() -> int:
     except (SiteError, RunFailed, RuntimeError) as exc:
         print(f"bench_register: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("bench_register: interrupted (servers and mounts stopped)", file=sys.stderr)
+        return 130
 
     stats = {c: {k: summary(v) for k, v in cases.items()} for c, cases in times.items()}
     lines = [
@@ -481,5 +486,13 @@ def _commit() -> str | None:
     return out.stdout.strip()
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 if __name__ == "__main__":
+    # SIGTERM (and SIGINT, which a shell ignores in background jobs) unwind through the
+    # context managers, so the servers and mounts this run started are stopped.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     sys.exit(main())

@@ -29,7 +29,7 @@ pytestmark = [
 def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     tmp = tmp_path_factory.mktemp("bench-register")
     out = tmp / "register.json"
-    done = subprocess.run(
+    proc = subprocess.Popen(
         [
             sys.executable,
             str(BENCH),
@@ -43,12 +43,18 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
             "--json",
             str(out),
         ],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
     )
-    assert done.returncode == 0, f"bench_register failed ({done.returncode}):\n{done.stderr}"
-    return json.loads(out.read_text()), done.stdout
+    try:
+        stdout, stderr = proc.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # it stops the servers and mounts it started, then exits
+        stdout, stderr = proc.communicate(timeout=60)
+        pytest.fail(f"bench_register did not finish in 400 s:\n{stderr}")
+    assert proc.returncode == 0, f"bench_register failed ({proc.returncode}):\n{stderr}"
+    return json.loads(out.read_text()), stdout
 
 
 def test_every_case_ran_once_on_both_clouds(report: tuple[dict, str]) -> None:
