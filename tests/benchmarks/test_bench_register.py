@@ -21,6 +21,7 @@ BENCH = ROOT / "benchmarks" / "bench_register.py"
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.timeout(300),  # the fixture runs all five cases, Glance's start included
     pytest.mark.skipif(not Path("/usr/sbin/nginx").exists(), reason="needs nginx (nginx-light)"),
 ]
 
@@ -48,11 +49,11 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
         text=True,
     )
     try:
-        stdout, stderr = proc.communicate(timeout=400)
+        stdout, stderr = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
         proc.terminate()  # it stops the servers and mounts it started, then exits
         stdout, stderr = proc.communicate(timeout=60)
-        pytest.fail(f"bench_register did not finish in 400 s:\n{stderr}")
+        pytest.fail(f"bench_register did not finish in 240 s:\n{stderr}")
     assert proc.returncode == 0, f"bench_register failed ({proc.returncode}):\n{stderr}"
     return json.loads(out.read_text()), stdout
 
