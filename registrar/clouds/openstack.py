@@ -24,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator, Sequence
+import queue
+import threading
+from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
 from registrar import decompress as zfs
@@ -142,10 +144,15 @@ class OpenStack:
 class _VerifiedStream:
     """The image bytes of a part as a readable: unpacked if asked, its SHA-1 checked.
 
-    The last read before the end verifies the source (draining what the image stream left,
-    such as a gzip trailer) and holds back the final chunk until it has: a wrong file raises
-    ImageChecksumMismatch before its last byte is sent, so Glance never completes the upload.
+    A reader thread reads the mount, decompresses and hashes the source (SHA-1) into a short
+    queue, while the caller's thread hashes what Glance will report (sha512) and sends: the
+    two halves overlap, as hashlib, zlib and sockets release the GIL. The reader verifies the
+    source (draining what the image stream left, such as a gzip trailer) before it hands over
+    the final chunk: a wrong file raises ImageChecksumMismatch before its last byte is sent,
+    so Glance never completes the upload.
     """
+
+    _QUEUED = 4  # chunks read ahead: bounded memory, enough to keep the sender busy
 
     def __init__(self, source: BinaryIO, request: PartRequest, progress: Progress | None) -> None:
         self._expected = request.sha1
@@ -153,27 +160,48 @@ class _VerifiedStream:
         self._hashed = HashingReader(source, progress)
         self._image = zfs.open_image(self._hashed, self._found)  # type: ignore[arg-type]
         self._held = b""
-        self._chunks = self._verified_chunks()
+        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(self._QUEUED)
+        self._stop = threading.Event()
+        self._done = False
         self.image_bytes = 0
+        self._reader = threading.Thread(target=self._read_ahead, name="glance-read", daemon=True)
+        self._reader.start()
 
     @property
     def source_bytes(self) -> int:
         return self._hashed.count
 
-    def _verified_chunks(self) -> Iterator[bytes]:
-        held = self._image.read(CHUNK_SIZE)
-        while held:
-            following = self._image.read(CHUNK_SIZE)
-            if not following:
-                verify_source(self._hashed, self._found, self._expected)
-            self.image_bytes += len(held)
-            yield held
-            held = following
+    def _read_ahead(self) -> None:
+        try:
+            held = self._image.read(CHUNK_SIZE)
+            while held and not self._stop.is_set():
+                following = self._image.read(CHUNK_SIZE)
+                if not following:
+                    verify_source(self._hashed, self._found, self._expected)
+                self._put(held)
+                held = following
+            self._put(b"")
+        except BaseException as exc:  # handed to the sending thread, which raises it
+            self._put(exc)
+
+    def _put(self, item: bytes | BaseException) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
 
     def read(self, n: int = -1) -> bytes:
         """Up to one chunk (at most `n` bytes when n > 0)."""
-        if not self._held:
-            self._held = next(self._chunks, b"")
+        if not self._held and not self._done:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            self._done = not item
+            self._held = item
+            self.image_bytes += len(item)
         if n is None or n < 0 or n >= len(self._held):
             data, self._held = self._held, b""
         else:
@@ -184,5 +212,6 @@ class _VerifiedStream:
         return True
 
     def close(self) -> None:
-        self._chunks.close()
+        self._stop.set()
+        self._reader.join()
         self._image.close()
