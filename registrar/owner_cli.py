@@ -23,6 +23,7 @@ from typing import Any
 
 from registrar.errors import InputError, PublishError
 from registrar.imagefile import human_size
+from registrar.progress import progress_bars
 
 log = logging.getLogger(__name__)
 
@@ -251,34 +252,9 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
 
 @contextlib.contextmanager
 def _progress() -> Iterator[Callable[[str, int, int | None], None] | None]:
-    """A rich progress bar per file on stderr when it is a terminal; else None."""
+    """A progress bar per file on stderr when it is a terminal; else None."""
     if not sys.stderr.isatty():
         yield None
         return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),  # stdout carries the results
-        transient=True,
-    ) as bar:
-        tasks: dict[str, Any] = {}
-
-        def update(what: str, done: int, total: int | None) -> None:
-            if what not in tasks:
-                tasks[what] = bar.add_task(what, total=total)
-            bar.update(tasks[what], completed=done)
-
+    with progress_bars(transient=True) as update:
         yield update

@@ -41,6 +41,7 @@ from registrar.errors import (
     RequestError,
     SignatureMismatch,
 )
+from registrar.progress import progress_bars
 from registrar.properties import answer_text
 from registrar.registry import Registry
 
@@ -255,31 +256,10 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def _register_with_progress(service: Any, url: str, signature: str) -> Any:
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),  # stdout carries only the answer text
-        transient=False,
-    ) as bar:
-        tasks: dict[str, Any] = {}
+    with progress_bars(transient=False) as update:
 
         def progress(what: str, done: int, total: int) -> None:
-            if what not in tasks:
-                tasks[what] = bar.add_task(f"bundling {what}", total=total)
-            bar.update(tasks[what], completed=done)
+            update(f"bundling {what}", done, total)
 
         return service.register(url, signature, trusted=True, progress=progress)
 
