@@ -166,7 +166,13 @@ def _gunicorn(venv: Path, port: int, app: str, *extra: str, threads: int = 4) ->
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OS_", "PYTHON"))}
+    # No proxy either: every server here is on loopback, and Glance's web-download would
+    # send its fetch of the origin through an inherited http_proxy.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OS_", "PYTHON")) and not k.lower().endswith("_proxy")
+    }
     env["PYTHONWARNINGS"] = "ignore"  # their deprecation noise would bury the real errors
     env.update(extra)
     return env
