@@ -1,0 +1,1 @@
+"""The `registrar` subcommands' handlers; registrar/cli.py parses and says their errors."""
