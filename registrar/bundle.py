@@ -127,6 +127,35 @@ def bundle_image(
     expected = expected_sha1.strip().lower() if expected_sha1 else None
     prefix = prefix or name.replace("/", "_")
     start = time.monotonic()
+    found = _probe(source, prefix, image_type, decompress, expected)
+    threads = threads or min(4, os.cpu_count() or 1)
+    stream = _encrypt(
+        source, found, expected, prefix, part_sink, compression_level, threads, progress
+    )
+    manifest = stream.manifest(
+        name=name,
+        image_type=image_type,
+        arch=arch,
+        account_id=account_id,
+        keys=keys,
+        kernel_id=kernel_id,
+        ramdisk_id=ramdisk_id,
+        block_device_mapping=block_device_mapping,
+    )
+    log.info(
+        "bundled %s: %d bytes in %d parts in %.1f s",
+        prefix,
+        manifest.bundled_size,
+        len(manifest.parts),
+        time.monotonic() - start,
+    )
+    return manifest
+
+
+def _probe(
+    source: BinaryIO, prefix: str, image_type: str, decompress: bool, expected: str | None
+) -> zfs.Probe:
+    """What `source` holds and its raw size (the tar header needs it before any byte)."""
     found = probe_source(source, decompress, expected)
     assert found.size is not None
     log.info(
@@ -137,6 +166,78 @@ def bundle_image(
         found.size,
         " (sparse tar member)" if found.sparse else "",
     )
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class _Encrypted:
+    """What went to the sink: every part, and what the manifest says of the stream."""
+
+    prefix: str
+    size: int  # of the raw image, the tar's one member
+    tar_sha1: str
+    parts: tuple[PartInfo, ...]
+    key: bytes
+    iv: bytes
+    source_sha1: str
+
+    def manifest(
+        self,
+        *,
+        name: str,
+        image_type: str,
+        arch: str,
+        account_id: str,
+        keys: BundleKeys,
+        kernel_id: str | None,
+        ramdisk_id: str | None,
+        block_device_mapping: Mapping[str, str] | None,
+    ) -> Manifest:
+        """The manifest of these parts, its document signed with `keys`."""
+        xml = build_manifest(
+            name=name,
+            account_id=account_id,
+            image_type=image_type,
+            arch=arch,
+            tar_sha1=self.tar_sha1,
+            size=self.size,
+            parts=self.parts,
+            key_hex=self.key.hex(),
+            iv_hex=self.iv.hex(),
+            keys=keys,
+            kernel_id=kernel_id,
+            ramdisk_id=ramdisk_id,
+            block_device_mapping=block_device_mapping,
+        )
+        return Manifest(
+            prefix=self.prefix,
+            name=name,
+            image_type=image_type,
+            arch=arch,
+            size=self.size,
+            bundled_size=sum(p.size for p in self.parts),
+            tar_sha1=self.tar_sha1,
+            parts=self.parts,
+            xml=xml,
+            kernel_id=kernel_id,
+            ramdisk_id=ramdisk_id,
+            source_sha1=self.source_sha1,
+        )
+
+
+def _encrypt(
+    source: BinaryIO,
+    found: zfs.Probe,
+    expected: str | None,
+    prefix: str,
+    part_sink: PartSink,
+    level: int,
+    threads: int,
+    progress: Progress | None,
+) -> _Encrypted:
+    """Stream `source` as tar → gzip → AES-128-CBC parts into `part_sink`, checking its SHA-1
+    before the last part exists; the key and IV are fresh for each bundle."""
+    assert found.size is not None  # probe_source measured it
     hashed = HashingReader(source, progress)
     image = zfs.open_image(hashed, found)
     key, iv = secrets.token_bytes(16), secrets.token_bytes(16)
@@ -147,50 +248,14 @@ def bundle_image(
             prefix,
             found.size,
             writer,
-            level=compression_level,
-            threads=threads or min(4, os.cpu_count() or 1),
+            level=level,
+            threads=threads,
             before_finish=lambda: verify_source(hashed, found, expected),
         )
     finally:
         image.close()
-    parts = writer.close()
-    xml = build_manifest(
-        name=name,
-        account_id=account_id,
-        image_type=image_type,
-        arch=arch,
-        tar_sha1=tar_sha1,
-        size=found.size,
-        parts=parts,
-        key_hex=key.hex(),
-        iv_hex=iv.hex(),
-        keys=keys,
-        kernel_id=kernel_id,
-        ramdisk_id=ramdisk_id,
-        block_device_mapping=block_device_mapping,
-    )
-    manifest = Manifest(
-        prefix=prefix,
-        name=name,
-        image_type=image_type,
-        arch=arch,
-        size=found.size,
-        bundled_size=sum(p.size for p in parts),
-        tar_sha1=tar_sha1,
-        parts=tuple(parts),
-        xml=xml,
-        kernel_id=kernel_id,
-        ramdisk_id=ramdisk_id,
-        source_sha1=hashed.hexdigest(),
-    )
-    log.info(
-        "bundled %s: %d bytes in %d parts in %.1f s",
-        prefix,
-        manifest.bundled_size,
-        len(parts),
-        time.monotonic() - start,
-    )
-    return manifest
+    parts = tuple(writer.close())
+    return _Encrypted(prefix, found.size, tar_sha1, parts, key, iv, hashed.hexdigest())
 
 
 # --- tar → parallel gzip ---

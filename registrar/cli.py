@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_service_commands(sub, [config, debug])
     _add_install_image(sub, [config, debug])
-    _add_owner_commands(sub, [debug])
+    _add_publish(sub, [debug])
+    _add_check(sub, [debug])
     return parser
 
 
@@ -289,7 +290,7 @@ def _add_install_image(
     p.set_defaults(handler=install.install_image, style=INSTALL)
 
 
-def _add_owner_commands(
+def _add_publish(
     sub: argparse._SubParsersAction[argparse.ArgumentParser], parents: list[argparse.ArgumentParser]
 ) -> None:
     p = sub.add_parser(
@@ -338,6 +339,10 @@ def _add_owner_commands(
     p.add_argument("image", metavar="IMAGE", nargs="?", type=Path, help="the filesystem image")
     p.set_defaults(handler=owner.publish, style=OWNER)
 
+
+def _add_check(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], parents: list[argparse.ArgumentParser]
+) -> None:
     p = sub.add_parser(
         "check",
         parents=parents,

@@ -182,6 +182,35 @@ def build_manifest(
     _text(bundler, "version", getattr(registrar, "__version__", BUNDLER_VERSION))
     _text(bundler, "release", "0")
 
+    config = _machine_configuration(
+        root, image_type, arch, kernel_id, ramdisk_id, block_device_mapping
+    )
+    image = etree.SubElement(root, "image")
+    _text(image, "name", name)
+    _text(image, "user", account_id.replace("-", ""))
+    _text(image, "type", image_type)
+    _text(image, "digest", tar_sha1, algorithm="SHA1")
+    _text(image, "size", str(size))
+    _text(image, "bundled_size", str(sum(p.size for p in parts)))
+    _encrypted_key(image, key_hex, iv_hex, keys)
+    parts_el = etree.SubElement(image, "parts", count=str(len(parts)))
+    for index, part in enumerate(parts):
+        part_el = etree.SubElement(parts_el, "part", index=str(index))
+        _text(part_el, "filename", part.filename)
+        _text(part_el, "digest", part.sha1, algorithm="SHA1")
+
+    _text(root, "signature", _sign(config, image, keys))
+    return etree.tostring(root, xml_declaration=True, encoding="UTF-8")
+
+
+def _machine_configuration(
+    root: etree._Element,
+    image_type: str,
+    arch: str,
+    kernel_id: str | None,
+    ramdisk_id: str | None,
+    block_device_mapping: Mapping[str, str] | None,
+) -> etree._Element:
     config = etree.SubElement(root, "machine_configuration")
     _text(config, "architecture", arch)
     if image_type == "machine":
@@ -198,14 +227,11 @@ def build_manifest(
         _text(config, "kernel_id", kernel_id)
     if ramdisk_id:
         _text(config, "ramdisk_id", ramdisk_id)
+    return config
 
-    image = etree.SubElement(root, "image")
-    _text(image, "name", name)
-    _text(image, "user", account_id.replace("-", ""))
-    _text(image, "type", image_type)
-    _text(image, "digest", tar_sha1, algorithm="SHA1")
-    _text(image, "size", str(size))
-    _text(image, "bundled_size", str(sum(p.size for p in parts)))
+
+def _encrypted_key(image: etree._Element, key_hex: str, iv_hex: str, keys: BundleKeys) -> None:
+    """The bundle's AES key and IV, encrypted for the cloud and (if given) the user."""
     _text(
         image, "ec2_encrypted_key", encrypt_hex(key_hex, keys.cloud_cert), algorithm="AES-128-CBC"
     )
@@ -216,14 +242,6 @@ def build_manifest(
     # An absent user_encrypted_* element makes Eucalyptus answer 400 InvalidManifest: keep it
     # present and empty.
     _text(image, "user_encrypted_iv", user_iv)
-    parts_el = etree.SubElement(image, "parts", count=str(len(parts)))
-    for index, part in enumerate(parts):
-        part_el = etree.SubElement(parts_el, "part", index=str(index))
-        _text(part_el, "filename", part.filename)
-        _text(part_el, "digest", part.sha1, algorithm="SHA1")
-
-    _text(root, "signature", _sign(config, image, keys))
-    return etree.tostring(root, xml_declaration=True, encoding="UTF-8")
 
 
 def _sign(config: etree._Element, image: etree._Element, keys: BundleKeys) -> str:
