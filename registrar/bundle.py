@@ -27,9 +27,9 @@ Memory: about (2 × threads + 2) blocks of 4 MiB plus one 10 MiB part, whatever 
 **Threads.** The caller's thread reads, hashes, encrypts, cuts parts and calls `part_sink`, so
 parts arrive in order and the sink needs no lock of its own; `threads` deflate workers only
 compress blocks handed to them (never more than 2 × threads in flight) and share nothing but
-their input. `cloud.BundleUpload.put_part` passes each part to its upload threads and blocks
-while `upload_concurrency` parts are in flight. On any exception the deflate pool is shut down
-(pending blocks cancelled) before it propagates.
+their input. `clouds.euca_api.BundleUpload.put_part` passes each part to its upload threads
+and blocks while `upload_concurrency` parts are in flight. On any exception the deflate pool
+is shut down (pending blocks cancelled) before it propagates.
 
 Only `source` is read; no file is written; nothing here talks to the cloud.
 """

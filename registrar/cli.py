@@ -77,7 +77,7 @@ ERRORS: tuple[tuple[type[BaseException], int, Callable[[Any], str]], ...] = (
     (InputError, EXIT_USAGE, str),
     (RequestError, EXIT_USAGE, str),
     (ConfigError, EXIT_USAGE, str),
-    # install-image's file claims a compression it does not decompress with.
+    # install-image's own file: corrupt or truncated compressed data is the input's fault.
     (DecompressError, EXIT_USAGE, str),
     (StoreConfigError, EXIT_USAGE, str),
     (StoreError, EXIT_FAILED, str),

@@ -1,7 +1,7 @@
 """The handlers of `registrar serve`, `register`, `list` and `import-registry`.
 
 Each takes the parsed arguments (registrar/cli.py builds the parser) and returns the exit code;
-an error is raised, and registrar/cli.py turns it into one line and an exit code. `serve` and
+errors are raised, and registrar/cli.py turns each into one line and an exit code. `serve` and
 `register` build the service through registrar/daemon.py.
 """
 
@@ -11,7 +11,6 @@ import argparse
 import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from imgstore.config import config_path
@@ -26,7 +25,6 @@ if TYPE_CHECKING:
     from registrar.service import Service
 
 EXIT_OK = 0
-DEFAULT_STATE_DIR = Path("/var/lib/imageproxy")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -60,8 +58,10 @@ def _register_with_progress(service: Service, url: str, signature: str) -> Answe
 def list_registry(args: argparse.Namespace) -> int:
     state_dir = args.state_dir
     if state_dir is None:
+        # No config file is no mistake here: the default place is where a registry would be.
         path = config_path(args.config)
-        state_dir = registrar_config.load(path).registrar.state_dir if path else DEFAULT_STATE_DIR
+        default = registrar_config.RegistrarConfig.state_dir
+        state_dir = registrar_config.load(path).registrar.state_dir if path else default
     if not state_dir.is_dir():
         raise ConfigError(f"state directory {state_dir} does not exist")
     if not (state_dir / "registry.sqlite3").exists():
