@@ -26,7 +26,7 @@ The steps of one call:
 5. Save and return the answer.
 
 Single flight. Within this process, one thread does the work for a metadata SHA-1 and one for
-a part key; concurrent callers wait for it and share its result or its error (`_Flights`).
+a part key; concurrent callers wait for it and share its result or its error (`registrar.flights`).
 Across processes (the server and a `registrar register`), the registry's job claims serialize a
 part key; a process that finds a live claim polls until it is released.
 
