@@ -167,6 +167,8 @@ def _set_up_logging(style: Style, command: str, debug: bool, verbose: bool) -> N
 
 # --- the parser ---
 
+DEBUG_HELP = "log debugging detail and show tracebacks"
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -174,52 +176,51 @@ def build_parser() -> argparse.ArgumentParser:
         description="Answers ORCA RegisterImage calls: bundles, uploads and registers images.",
     )
     parser.add_argument("--config", metavar="FILE", help="TOML config file")
-    parser.add_argument(
-        "--debug", action="store_true", help="log debugging detail and show tracebacks"
-    )
-    # The subcommands' --config and --debug default to SUPPRESS: one given before the
-    # subcommand is not reset by the subparser's default.
-    config = argparse.ArgumentParser(add_help=False)
-    config.add_argument(
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_service_commands(sub)
+    _add_install_image(sub)
+    _add_publish(sub)
+    _add_check(sub)
+    return parser
+
+
+# A subcommand's --config and --debug default to SUPPRESS: one given before the subcommand is
+# not reset by the subparser's default.
+
+
+def _config_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
         "--config",
         metavar="FILE",
         default=argparse.SUPPRESS,
         help="TOML config file (default: $IMAGEPROXY_CONFIG, else /etc/imageproxy/imageproxy.toml)",
     )
-    debug = argparse.ArgumentParser(add_help=False)
-    debug.add_argument(
-        "--debug",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="log debugging detail and show tracebacks",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_service_commands(sub, [config, debug])
-    _add_install_image(sub, [config, debug])
-    _add_publish(sub, [debug])
-    _add_check(sub, [debug])
-    return parser
 
 
-def _add_service_commands(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], parents: list[argparse.ArgumentParser]
-) -> None:
+def _debug_option(p: argparse.ArgumentParser, text: str) -> None:
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=text)
+
+
+def _add_service_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "serve",
-        parents=parents,
         help="run the SOAP service",
         description="Serve ORCA's RegisterImage SOAP calls on [registrar] listen, one log line "
         "per request. Cleans up what a previous run left half done before listening.",
     )
+    _config_option(p)
+    _debug_option(p, DEBUG_HELP)
     p.set_defaults(handler=service.serve, style=SERVICE)
 
     p = sub.add_parser(
         "register",
-        parents=parents,
         help="register one image from its metadata URL and SHA-1",
         description="Do what one SOAP RegisterImage call does and print the same answer "
         "(FILESYSTEM=…, KERNEL=…, RAMDISK=… in java.util.Properties format).",
     )
+    _config_option(p)
+    _debug_option(p, DEBUG_HELP)
     p.add_argument("url", metavar="URL", help="the metadata file's URL")
     p.add_argument("signature", metavar="SIGNATURE", help="the metadata file's SHA-1")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")
@@ -227,11 +228,12 @@ def _add_service_commands(
 
     p = sub.add_parser(
         "list",
-        parents=parents,
         help="show the registry",
         description="Show what is registered: answers per metadata SHA-1, the images behind "
         "them, and registrations in flight.",
     )
+    _config_option(p)
+    _debug_option(p, DEBUG_HELP)
     p.add_argument(
         "--state-dir",
         metavar="DIR",
@@ -242,28 +244,27 @@ def _add_service_commands(
 
     p = sub.add_parser(
         "import-registry",
-        parents=parents,
         help="take over the images the original ImageProxy registered",
         description="Read the original ImageProxy's registry (imageproxy.db, table IMAGE) and "
         "record every image id the cloud still has, so RegisterImage answers with it instead "
         "of registering the part again. Unfinished registrations and ids the cloud no longer "
         "has are skipped. Running it twice changes nothing.",
     )
+    _config_option(p)
+    _debug_option(p, DEBUG_HELP)
     p.add_argument("path", metavar="PATH", type=Path, help="the original's imageproxy.db")
     p.set_defaults(handler=service.import_registry, style=SERVICE)
 
 
-def _add_install_image(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], parents: list[argparse.ArgumentParser]
-) -> None:
+def _add_install_image(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "install-image",
-        parents=parents,
         help="bundle, upload and register a local image file",
         description="Bundle, upload and register a local image file; print the new image id.",
         epilog="Exit codes: 0 success, 1 bundling/upload/registration failed, "
         "2 bad usage, config or input file.",
     )
+    _config_option(p)
     p.add_argument(
         "--type",
         dest="image_type",
@@ -286,16 +287,14 @@ def _add_install_image(
         help="bundle a machine image as it is, even if it looks compressed",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log each step")
+    _debug_option(p, DEBUG_HELP)
     p.add_argument("file", metavar="FILE", type=Path, help="the image file")
     p.set_defaults(handler=install.install_image, style=INSTALL)
 
 
-def _add_publish(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], parents: list[argparse.ArgumentParser]
-) -> None:
+def _add_publish(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "publish",
-        parents=parents,
         help="write the metadata file for image files, and the lines for an ORCA request",
         description="Hash each file, tell its type from its content as the registrar reads it, "
         "write NAME.xml (the original ImageProxy's metadata format, each URL being "
@@ -336,16 +335,14 @@ def _add_publish(
         help="make the ZFILESYSTEM first, as imgcapture.sh did: OUT/NAME.tgz, a gzip tar with "
         "one sparse member `filesystem` (the file DIR/filesystem, or FILE itself); it is IMAGE",
     )
+    _debug_option(p, "tracebacks")
     p.add_argument("image", metavar="IMAGE", nargs="?", type=Path, help="the filesystem image")
     p.set_defaults(handler=owner.publish, style=OWNER)
 
 
-def _add_check(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], parents: list[argparse.ArgumentParser]
-) -> None:
+def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "check",
-        parents=parents,
         help="check that a published image will register at every site",
         description="Do what a site does with URL and SIGNATURE, from here: download the "
         "metadata, check its SHA-1, parse it with the service's rules; for each image, a real "
@@ -363,4 +360,5 @@ def _add_check(
         action="store_true",
         help="no full downloads: probe each file and read only the start of filesystems",
     )
+    _debug_option(p, "tracebacks")
     p.set_defaults(handler=owner.check, style=OWNER)
