@@ -17,6 +17,7 @@ from registrar.errors import ConfigError
 
 
 def check_url(url: str) -> str | None:
+    """What is wrong with `url` as a cloud endpoint (to follow the quoted value), or None."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "is not an http(s) URL"
@@ -24,7 +25,8 @@ def check_url(url: str) -> str | None:
 
 
 def read_env_file(path: Path, key: str = "eucarc") -> dict[str, str]:
-    """Read the `NAME=value` assignments of a eucarc, expanding `${VAR}` from earlier lines.
+    """Read the `NAME=value` assignments of a eucarc or an openrc (`key` names which, for the
+    error), expanding `${VAR}` from earlier lines.
 
     Shell we do not run: `EUCA_KEY_DIR=$(cd $(dirname …); pwd -P)` stands for the file's own
     directory, and any other command substitution is skipped.
