@@ -10,7 +10,7 @@
   compressed machine image (gzip, bzip2, xz/lzma, compress, or a tarball holding
   `filesystem`) is unpacked first, detected by its magic bytes; `--raw` bundles it as it is.
   Kernels and ramdisks are always bundled byte for byte (a ramdisk is usually gzipped on
-  purpose). registrar/commands/install.py.
+  purpose). Handler: registrar/commands/install.py.
 - `publish …`, `check URL SIGNATURE`: for image owners; no config, mount or cloud
   (registrar/commands/owner.py).
 
