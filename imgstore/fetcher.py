@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 
 _READ_PIECE = 1024 * 1024
 # httpcore receives bodies in 64 KiB socket reads, each a trip through the trio scheduler and
-# h11; the profile of a cold read had them as the largest cost on the trio thread. One read
-# may take up to 1 MiB (a class attribute meant as a knob; it changes nothing on the wire).
+# h11: the largest cost on the trio thread during a cold read. One read may take up to 1 MiB
+# (a class attribute meant as a knob; it changes nothing on the wire).
 httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = 1024 * 1024
 BACKOFF_BASE = 0.2
 BACKOFF_CAP = 5.0

@@ -1,10 +1,10 @@
 """A blocking ranged GET that reads the body straight into the caller's buffer.
 
 This is the cold-read fast path, run in worker threads (`Origin.fetch_range` chooses it for
-plain fetches of trusted URLs). httpx on the trio thread received each body in pieces that
-h11 copied twice and that the fetcher copied again; here `readinto` takes the bytes from the
-socket into the chunk buffer with one copy, off the trio thread. Connections are kept alive
-and reused, one pool per (scheme, host, port) and proxy.
+plain fetches of trusted URLs). `readinto` takes the bytes from the socket into the chunk
+buffer with one copy, off the trio thread, where httpx would hand them over in pieces that h11
+has copied twice and the fetcher would copy again. Connections are kept alive and reused, one
+pool per (scheme, host, port) and proxy.
 
 This module only moves bytes: what the answer means (status, ETag, Content-Range) is decided
 by `origin.check_answer`, the same rules the httpx transport follows. What this path does not
