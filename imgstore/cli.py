@@ -13,13 +13,13 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import trio
 
 from imgstore import client
 from imgstore.config import StoreConfig, config_path, human_size, load
-from imgstore.errors import BadSha1, BadUrl, BlobCorrupt, ConfigError, StoreError
+from imgstore.errors import BadSha1, BadUrl, ConfigError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[_common_options(None)],
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_mount(sub, common)
+    _add_blob_commands(sub, common)
+    p = sub.add_parser("umount", parents=[common], help="unmount", description="Unmount a mount.")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, nargs="?")
+    return parser
 
+
+# argparse's type for the subcommands' action is private: named once, for the annotations.
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _add_mount(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "mount",
         parents=[common],
@@ -81,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--foreground", action="store_true", help="do not daemonize")
     p.add_argument("--allow-other", action="store_true", default=None, help="let other users read")
 
+
+def _add_blob_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "add",
         parents=[common],
@@ -126,10 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("sha1s", metavar="SHA1", nargs="*")
     p.add_argument("--all", action="store_true", help="every blob that is not open or pinned")
-
-    p = sub.add_parser("umount", parents=[common], help="unmount", description="Unmount a mount.")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, nargs="?")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,57 +243,20 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from imgstore.verify import normalize_sha1
-
     cfg = _config(args, cache_size=args.cache_size)
-    sha1s = [normalize_sha1(s) for s in args.sha1s]
-    for sha1 in sha1s:
-        client.info(cfg.cache_dir, sha1)  # UnknownBlob before any work
-    return trio.run(_fetch, cfg, sha1s, sys.stderr.isatty())
+    watch = _progress if sys.stderr.isatty() else None
+    results = client.fetch(cfg, args.sha1s, _print_fetched, watch)
+    return EXIT_FAILED if any(r.error for r in results) else EXIT_OK
 
 
-async def _fetch(cfg: StoreConfig, sha1s: list[str], show_progress: bool) -> int:
-    from imgstore.store import open_store
-
-    failed = 0
-    async with open_store(cfg) as store:
-        for sha1 in sha1s:
-            error = await _fetch_one(store, sha1, show_progress)
-            if error is None:
-                print(f"{sha1} verified")
-                continue
-            if isinstance(error, BlobCorrupt):
-                # The reason (the SHA-1 the bytes have) is in the catalog, as readers see it.
-                error = BlobCorrupt.of(sha1, (await store.record(sha1)).error)
-            print(f"imgstore fetch: {error}", file=sys.stderr)
-            failed += 1
-    return EXIT_FAILED if failed else EXIT_OK
+def _print_fetched(result: client.Fetched) -> None:
+    if result.error is None:
+        print(f"{result.sha1} verified")
+    else:
+        print(f"imgstore fetch: {result.error}", file=sys.stderr)
 
 
-async def _fetch_one(store: Any, sha1: str, show_progress: bool) -> StoreError | None:
-    """Fetch and verify one blob; the error, if any, for the caller to report and go on."""
-    try:
-        handle = await store.open(sha1)
-    except StoreError as exc:
-        return exc
-    error = None
-    try:
-        async with trio.open_nursery() as nursery:
-            if show_progress:
-                nursery.start_soon(_progress, handle.blob)
-            try:
-                await store.fetch_all(handle)
-            except StoreError as exc:
-                # Caught here, not around the nursery: it would wrap it in an ExceptionGroup.
-                error = exc
-            finally:
-                nursery.cancel_scope.cancel()
-    finally:
-        await store.release(handle)
-    return error
-
-
-async def _progress(blob: Any) -> None:
+async def _progress(blob: client.Progress) -> None:
     from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
     with Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn()) as bar:
@@ -298,82 +270,33 @@ async def _progress(blob: Any) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from imgstore.verify import normalize_sha1
+    results = client.verify(_config(args), args.sha1s, _print_verdict)
+    return EXIT_OK if all(v.ok for v in results) else EXIT_FAILED
 
-    cfg = _config(args)
-    if args.sha1s:
-        sha1s = [normalize_sha1(s) for s in args.sha1s]
-        for sha1 in sha1s:
-            client.info(cfg.cache_dir, sha1)
+
+def _print_verdict(verdict: client.Verdict) -> None:
+    if verdict.skipped == "open":
+        print(f"{verdict.sha1} is open by a mount or another process: not verified now")
+    elif verdict.skipped == "incomplete":
+        print(f"{verdict.sha1} not fully cached (use `imgstore fetch`)")
     else:
-        sha1s = [b.sha1 for b in client.list_blobs(cfg.cache_dir) if b.cached_bytes == b.size]
-    return trio.run(_verify, cfg, sha1s)
-
-
-async def _verify(cfg: StoreConfig, sha1s: list[str]) -> int:
-    from imgstore.chunks import ExclusiveBlob
-    from imgstore.errors import BlobBusy
-    from imgstore.store import open_store
-
-    bad = 0
-    async with open_store(cfg) as store:
-        for sha1 in sha1s:
-            # A mount that has the blob open trusts its own view of the cached bytes; dropping
-            # them under it (on a mismatch) would make it serve holes. Verify it later.
-            try:
-                with ExclusiveBlob(cfg.cache_dir, sha1):
-                    pass
-            except BlobBusy:
-                print(f"{sha1} is open by a mount or another process: not verified now")
-                bad += 1
-                continue
-            handle = await store.open(sha1)
-            try:
-                if not await store.verify_cached(handle):
-                    print(f"{sha1} not fully cached (use `imgstore fetch`)")
-                    bad += 1
-                else:
-                    print(f"{sha1} {handle.blob.state}")
-                    bad += handle.blob.state != "verified"
-            finally:
-                await store.release(handle)
-    return EXIT_FAILED if bad else EXIT_OK
+        print(f"{verdict.sha1} {verdict.state}")
 
 
 def cmd_evict(args: argparse.Namespace) -> int:
-    from imgstore.budget import evict_blob
-    from imgstore.catalog import Catalog
-    from imgstore.verify import normalize_sha1
-
     cfg = _config(args)
     if not args.sha1s and not args.all:
         raise ConfigError("name blobs to evict, or --all")
-    blobs = {b.sha1: b for b in client.list_blobs(cfg.cache_dir)}
-    if args.all:
-        sha1s = list(blobs)
-    else:
-        sha1s = [normalize_sha1(s) for s in args.sha1s]
-        for sha1 in sha1s:
-            client.info(cfg.cache_dir, sha1)
-    catalog = Catalog(cfg.cache_dir)
     refused = 0
-    try:
-        for sha1 in sha1s:
-            if catalog.pinned(sha1):
-                print(
-                    f"{sha1} pinned by {', '.join(catalog.get(sha1).pins)}: kept", file=sys.stderr
-                )
-                refused += not args.all
-                continue
-            try:
-                freed = evict_blob(cfg.cache_dir, catalog, sha1)
-            except StoreError as exc:
-                print(f"{sha1}: {exc}: kept", file=sys.stderr)
-                refused += not args.all
-                continue
-            print(f"{sha1} evicted ({human_size(freed)} freed)")
-    finally:
-        catalog.close()
+    for done in client.evict(cfg.cache_dir, args.sha1s, every=args.all):
+        if done.pinned_by:
+            print(f"{done.sha1} pinned by {', '.join(done.pinned_by)}: kept", file=sys.stderr)
+        elif done.error is not None:
+            print(f"{done.sha1}: {done.error}: kept", file=sys.stderr)
+        else:
+            print(f"{done.sha1} evicted ({human_size(done.freed)} freed)")
+        # With --all, blobs in use are expected to stay: only a named blob kept is a failure.
+        refused += done.kept and not args.all
     return EXIT_FAILED if refused else EXIT_OK
 
 

@@ -25,7 +25,7 @@ Keys of `[store]`:
   README, "Many sites, one origin"); default: `http_proxy`/`https_proxy` from the environment.
   URLs from remote users use only this key (after their name is checked, see netpolicy)
 - `metrics_listen`: "HOST:PORT" where the mount answers `GET /metrics` (Prometheus text); default
-  "" (off). See imgstore/metrics.py
+  "" (off). See imgstore/metrics_listener.py
 """
 
 from __future__ import annotations

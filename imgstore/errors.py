@@ -31,6 +31,23 @@ class OriginChanged(OriginError):
     """Raised when the origin's ETag changed since the blob was declared."""
 
 
+class RangeNotSupported(OriginError):
+    """Raised when the origin answered a ranged request with the whole body (a 200)."""
+
+
+class OriginRetry(OriginError):
+    """Raised when one attempt failed in a way the next may not (a broken connection, a 5xx or
+    429, a short body); `received` bytes of the asked range landed before it did.
+
+    Only the fetch loops catch it: they resume after those bytes or give up when the retry
+    budget is spent, as an OriginError naming the last reason.
+    """
+
+    def __init__(self, message: str, received: int = 0) -> None:
+        super().__init__(message)
+        self.received = received
+
+
 class BlobCorrupt(StoreError):
     """Raised when a blob failed verification; it stays unreadable until re-added."""
 

@@ -1,16 +1,16 @@
 """Origin HTTP: probing a URL, fetching one byte range, or streaming a whole body.
 
-All HTTP lives here, on one `httpx.AsyncClient` (so a proxy setting has one place to go;
-`trust_env` already honours `http_proxy`). Every ranged answer is checked: `206` with a
-`Content-Range` naming exactly the requested bytes and the blob's size. A `200` to a ranged
-request means the server ignores `Range` (RangeNotSupported) unless its ETag changed
-(OriginChanged). Transport errors, 5xx and 429 are retried with jittered exponential backoff;
-other 4xx move on to the next mirror. Callers bound the total time with a trio deadline.
+`Origin` holds one `httpx.AsyncClient` (so a proxy setting has one place to go; `trust_env`
+already honours `http_proxy`) and hands trusted URLs' chunks to the thread transport
+(`rangeget.py`). Both transports only move bytes; `origin.py` decides what each answer means.
+Here are the retries: OriginRetry (transport errors, 5xx, 429, short bodies) is retried with
+jittered exponential backoff, resuming after the bytes that landed; other errors move on to the
+next mirror, except OriginChanged and RangeNotSupported, which end the fetch. Callers bound the
+total time with a trio deadline.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -22,16 +22,21 @@ import trio
 
 from imgstore.buffers import BufferPool, ChunkBuffer
 from imgstore.catalog import Url
-from imgstore.errors import BadUrl, OriginChanged, OriginError
+from imgstore.errors import BadUrl, OriginChanged, OriginError, OriginRetry, RangeNotSupported
 from imgstore.netpolicy import NetPolicy, guarded_client
-from imgstore.rangeget import (
-    NoRange,
-    RangeGetter,
-    Retry,
-    Unhandled,
+from imgstore.origin import (
+    Probe,
+    check_answer,
+    check_complete,
+    content_length,
+    describe,
+    overrun,
     parse_content_range,
-    strong_etag,
+    probe_answer,
+    probe_head,
+    range_headers,
 )
+from imgstore.rangeget import RangeGetter, Redirected
 
 __all__ = ["Origin", "Probe", "RangeNotSupported", "check_url", "parse_content_range"]
 
@@ -39,27 +44,14 @@ log = logging.getLogger(__name__)
 
 _READ_PIECE = 1024 * 1024
 # httpcore receives bodies in 64 KiB socket reads, each a trip through the trio scheduler and
-# h11; the profile of a cold read had them as the largest cost on the trio thread. One read
-# may take up to 1 MiB (a class attribute meant as a knob; it changes nothing on the wire).
+# h11: the largest cost on the trio thread during a cold read. One read may take up to 1 MiB
+# (a class attribute meant as a knob; it changes nothing on the wire).
 httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = 1024 * 1024
 BACKOFF_BASE = 0.2
 BACKOFF_CAP = 5.0
 # Attempts that brought bytes do not use up `retries`, but there are at most this many times
 # `retries` attempts in all, per URL.
 PROGRESS_FACTOR = 4
-
-
-class RangeNotSupported(OriginError):
-    """Raised when the origin answered a ranged request with the whole body."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Probe:
-    """What a probe learned: the exact size, the ETag, whether Range works."""
-
-    size: int
-    etag: str | None
-    ranges: bool
 
 
 def check_url(url: str) -> str:
@@ -103,14 +95,6 @@ class _Attempts:
         if self.idle >= self.retries or self.total >= self.retries * PROGRESS_FACTOR:
             return None
         return backoff(max(self.idle, 1))
-
-
-class _Retry(Exception):
-    """Internal: this attempt failed in a way worth retrying, after `received` bytes."""
-
-    def __init__(self, message: str, received: int = 0) -> None:
-        super().__init__(message)
-        self.received = received
 
 
 class Origin:
@@ -172,8 +156,8 @@ class Origin:
         while True:
             try:
                 return await self._probe_once(url)
-            except (_Retry, httpx.TransportError) as exc:
-                reason = str(exc) if isinstance(exc, _Retry) else _describe(exc)
+            except (OriginRetry, httpx.TransportError) as exc:
+                reason = str(exc) if isinstance(exc, OriginRetry) else describe(exc)
                 wait = attempts.failed(progressed=False)
                 if wait is None:
                     raise OriginError(f"{url}: {reason}") from exc
@@ -181,7 +165,7 @@ class Origin:
                 await trio.sleep(wait)
 
     async def _probe_once(self, url: str) -> Probe:
-        """One probe (see `probe`); _Retry or a transport error when it may work next time."""
+        """One probe (see `probe`); OriginRetry or a transport error when it may work next time."""
         try:
             client = self._client(url)
             known = await self._probe_head(client, url)
@@ -189,51 +173,35 @@ class Origin:
                 return known
             async with client.stream("GET", url, headers={"Range": "bytes=0-0"}) as resp:
                 etag = resp.headers.get("ETag")
-                if resp.status_code == 206:
-                    cr = parse_content_range(resp.headers.get("Content-Range"))
-                    if cr and cr[0] == 0 and cr[2] is not None:
-                        return Probe(cr[2], etag, True)
-                    raise OriginError(f"{url}: 206 without a usable Content-Range")
-                if resp.status_code == 200:
-                    length = resp.headers.get("Content-Length")
-                    if length is not None and length.isdigit():
-                        return Probe(int(length), etag, False)
-                    # Chunked and no Range support: HEAD sometimes knows the length.
-                elif resp.status_code == 416:
-                    return Probe(0, etag, True)  # an empty file has no byte 0
-                else:
-                    _check_status(url, resp)
+                known = probe_answer(url, resp.status_code, resp.reason_phrase, resp.headers.get)
+            if known is not None:
+                return known
+            # Chunked and no Range support: HEAD sometimes knows the length.
             head = await client.head(url)
-            length = head.headers.get("Content-Length")
-            if head.status_code == 200 and length is not None and length.isdigit():
-                return Probe(int(length), etag, False)
+            length = content_length(head.headers.get) if head.status_code == 200 else None
+            if length is not None:
+                return Probe(length, etag, False)
             return Probe(await self._count_body(client, url), etag, False)
         except httpx.TransportError:
             raise
         except httpx.HTTPError as exc:
-            raise OriginError(f"{url}: {_describe(exc)}") from exc
+            raise OriginError(f"{url}: {describe(exc)}") from exc
 
     async def _probe_head(self, client: httpx.AsyncClient, url: str) -> Probe | None:
         """The size from a HEAD whose answer says Range is not taken; None to ask by GET.
 
-        An origin that ignores Range answers the GET probe's one byte with the whole body,
-        and keeps sending until it notices we hung up: nginx counted 3.75 MiB of a 32 MiB blob
-        on loopback, more than the 5 % such a blob may cost. Its HEAD tells the same for
-        nothing: a Content-Length and no `Accept-Ranges: bytes`. Any other answer (ranges
-        advertised, HEAD refused, no length) is left to the GET probe, which checks ranges
-        for real.
+        Asked first because an origin that ignores Range answers the GET probe's one byte with
+        the whole body until it notices we hung up (with nginx on loopback, several MiB: more
+        than the 5 % of a blob such an origin may cost); see `origin.probe_head`.
         """
         try:
             head = await client.head(url)
         except httpx.HTTPError:
             return None  # the GET probe says what is wrong, in its own words
-        length = head.headers.get("Content-Length")
-        if head.status_code != 200 or length is None or not length.isdigit():
-            return None
-        if "bytes" in head.headers.get("Accept-Ranges", "").lower():
-            return None
-        log.info("%s does not take Range (its HEAD says so): it will be streamed whole", url)
-        return Probe(int(length), head.headers.get("ETag"), False)
+        known = probe_head(head.status_code, head.headers.get)
+        if known is not None:
+            log.info("%s does not take Range (its HEAD says so): it will be streamed whole", url)
+        return known
 
     async def _count_body(self, client: httpx.AsyncClient, url: str) -> int:
         """The last resort for a size: no Range, no Content-Length, not even from HEAD.
@@ -273,7 +241,7 @@ class Origin:
                         url, etag, start + received, size, view[received:]
                     )
                     return buf
-                except _Retry as exc:
+                except OriginRetry as exc:
                     received += exc.received
                     errors.append(f"{url}: {exc}")
                     log.info("retrying %s bytes %d-%d: %s", url, start, end - 1, exc)
@@ -307,12 +275,8 @@ class Origin:
                     abandon_on_cancel=True,
                 )
                 return len(view)
-            except Retry as exc:
-                raise _Retry(str(exc), exc.received) from exc
-            except NoRange as exc:
-                raise RangeNotSupported(str(exc)) from exc
-            except Unhandled:
-                pass  # a redirect: httpx follows it
+            except Redirected:
+                pass  # httpx follows it
         return await self._httpx_range(url, etag, start, size, view)
 
     async def _httpx_range(
@@ -320,37 +284,21 @@ class Origin:
     ) -> int:
         """One GET through httpx (untrusted URLs, redirects), filling `view` from the start."""
         end = start + len(view)
-        need, received = len(view), 0
-        headers = {"Range": f"bytes={start}-{end - 1}"}
-        if strong_etag(etag):
-            headers["If-Range"] = etag  # type: ignore[assignment]
+        received = 0
+        headers = range_headers(start, end, etag)
         try:
             async with self._client(url).stream("GET", url, headers=headers) as resp:
-                _check_status(url, resp)
-                got = resp.headers.get("ETag")
-                if etag and got and got != etag:
-                    raise OriginChanged(f"{url}: ETag changed from {etag} to {got}")
-                if resp.status_code == 200:
-                    raise RangeNotSupported(f"{url}: answered 200 to a Range request")
-                cr = parse_content_range(resp.headers.get("Content-Range"))
-                if cr is None or cr[0] != start or cr[1] != end or cr[2] not in (size, None):
-                    raise OriginError(
-                        f"{url}: asked bytes {start}-{end - 1}/{size}, got "
-                        f"Content-Range {resp.headers.get('Content-Range')!r}"
-                    )
+                status, reason = resp.status_code, resp.reason_phrase
+                check_answer(url, status, reason, resp.headers.get, etag, (start, end, size))
                 # No chunk_size: pieces as they arrive, without httpx re-chunking (a copy).
                 async for piece in resp.aiter_raw():
-                    if received + len(piece) > need:
-                        raise OriginError(f"{url}: body longer than the range asked for")
+                    if received + len(piece) > len(view):
+                        raise overrun(url)
                     view[received : received + len(piece)] = piece
                     received += len(piece)
         except httpx.HTTPError as exc:
-            raise _Retry(_describe(exc), received) from exc
-        except _Retry as exc:
-            exc.received = received
-            raise
-        if received < need:
-            raise _Retry(f"body ended after {received} of {need} bytes", received)
+            raise OriginRetry(describe(exc), received) from exc
+        check_complete(received, len(view))
         return received
 
     async def stream_whole(
@@ -373,7 +321,7 @@ class Origin:
                 try:
                     await self._whole_once(url, etag, size, consume)
                     return
-                except _Retry as exc:
+                except OriginRetry as exc:
                     errors.append(f"{url}: {exc}")
                     log.info("retrying whole body of %s: %s", url, exc)
                     wait = attempts.failed(progressed=exc.received > furthest)
@@ -395,40 +343,21 @@ class Origin:
         size: int,
         consume: Callable[[int, bytes], Awaitable[None]],
     ) -> None:
+        """One GET of the whole body, handing it to `consume` piece by piece."""
         offset = 0
         try:
             async with self._client(url).stream("GET", url) as resp:
-                _check_status(url, resp)
-                got = resp.headers.get("ETag")
-                if etag and got and got != etag:
-                    raise OriginChanged(f"{url}: ETag changed from {etag} to {got}")
+                check_answer(url, resp.status_code, resp.reason_phrase, resp.headers.get, etag)
                 async for piece in _pieces(resp):
                     if offset + len(piece) > size:
-                        raise OriginError(f"{url}: body longer than {size} bytes")
+                        raise overrun(url, size)
                     await consume(offset, piece)
                     offset += len(piece)
         except httpx.HTTPError as exc:
-            raise _Retry(_describe(exc), offset) from exc
-        except _Retry as exc:
-            exc.received = offset
-            raise
-        if offset != size:
-            raise _Retry(f"body ended after {offset} of {size} bytes", offset)
+            raise OriginRetry(describe(exc), offset) from exc
+        check_complete(offset, size)
 
 
 async def _pieces(resp: httpx.Response) -> AsyncIterator[bytes]:
     async for piece in resp.aiter_raw(_READ_PIECE):
         yield piece
-
-
-def _check_status(url: str, resp: httpx.Response) -> None:
-    if resp.status_code in (200, 206):
-        return
-    if resp.status_code >= 500 or resp.status_code == 429:
-        raise _Retry(f"HTTP {resp.status_code}")
-    raise OriginError(f"{url}: HTTP {resp.status_code} {resp.reason_phrase}")
-
-
-def _describe(exc: httpx.HTTPError) -> str:
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}"

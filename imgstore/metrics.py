@@ -1,9 +1,7 @@
-"""The mount's Prometheus metrics, and the small HTTP listener that serves them.
+"""The store's Prometheus counters; `metrics_listener.py` serves them over HTTP.
 
-`[store] metrics_listen = "127.0.0.1:9101"` makes the mount answer `GET /metrics` there (empty,
-the default: no listener). The listener is hypercorn on the mount's own trio loop: the HTTP
-parsing is hypercorn's, and producing the text is a few microseconds of CPU, so the loop never
-blocks on it. Values live in this process's own registry (not prometheus_client's global one).
+Kept apart from the listener so the store counts without importing an HTTP server. Values live
+in this process's own registry (not prometheus_client's global one).
 
 The store counts as it goes (each call is an integer add, fine on the trio thread); cache usage,
 the budget and evictions are read from the `Budget` when scraped. Usage is this process's view:
@@ -28,25 +26,13 @@ Metric names:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Protocol
 
-import trio
-from hypercorn.config import Config, Sockets
-from hypercorn.trio.run import worker_serve
-from hypercorn.utils import wrap_app
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-
-from imgstore.asgi import Receive, Scope, Send, lifespan
-from imgstore.config import parse_listen
-from imgstore.errors import MountError
-
-log = logging.getLogger(__name__)
-
 
 # One chunk over loopback takes milliseconds; over a WAN to a slow origin, seconds.
 FETCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, float("inf"))
@@ -152,78 +138,3 @@ class _CacheCollector(Collector):
             "Bytes freed by evictions",
             value=self.cache.evicted_bytes,
         )
-
-
-# --- the listener ---
-
-
-class MetricsApp:
-    """ASGI app: `GET /metrics` (and `/`) answers the metrics; everything else 404."""
-
-    def __init__(self, metrics: StoreMetrics) -> None:
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return
-        if scope["path"] in ("/metrics", "/") and scope["method"] in ("GET", "HEAD"):
-            status, content_type, body = 200, CONTENT_TYPE_LATEST, self.metrics.exposition()
-        else:
-            status, content_type, body = 404, "text/plain; charset=utf-8", b"try /metrics\n"
-        headers = [
-            (b"content-type", content_type.encode("latin-1")),
-            (b"content-length", str(len(body)).encode()),
-        ]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-
-def _config(listen: str) -> Config:
-    host, port = parse_listen(listen)
-    config = Config()
-    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    config.accesslog = None  # scrapes every few seconds would drown the log
-    config.errorlog = logging.getLogger("hypercorn.error")
-    config.include_server_header = False
-    return config
-
-
-async def bind(listen: str) -> Listener:
-    """Bind the metrics listener on `listen` ("HOST:PORT", checked by the config); MountError
-    naming the key if it cannot.
-
-    Done before mounting, so a taken port fails the mount with a clear message.
-    """
-    config = _config(listen)
-    try:
-        # In a thread: a host name means a DNS lookup.
-        sockets = await trio.to_thread.run_sync(config.create_sockets)
-    except OSError as exc:
-        raise MountError(f"[store] metrics_listen: cannot listen on {listen}: {exc}") from None
-    for sock in sockets.insecure_sockets:
-        sock.listen(config.backlog)
-    log.info("metrics at http://%s/metrics", config.bind[0])
-    return Listener(config, sockets)
-
-
-class Listener:
-    """Bound sockets waiting for `serve`."""
-
-    def __init__(self, config: Config, sockets: Sockets) -> None:
-        self.config = config
-        self.sockets = sockets
-
-
-async def serve(
-    metrics: StoreMetrics,
-    listener: Listener,
-    *,
-    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Answer `GET /metrics` on `listener` until cancelled; report the URLs once serving."""
-    config = listener.config
-    app = wrap_app(MetricsApp(metrics), config.wsgi_max_body_size, "asgi")
-    await worker_serve(app, config, sockets=listener.sockets, task_status=task_status)

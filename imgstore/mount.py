@@ -24,7 +24,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from imgstore import metrics
+from imgstore import metrics_listener
 from imgstore.config import StoreConfig
 from imgstore.errors import MountError
 from imgstore.fs import Operations
@@ -224,10 +224,10 @@ class Readiness:
 
 async def _serve(cfg: StoreConfig, mountpoint: Path, ready: Readiness | None) -> None:
     sys.setswitchinterval(GIL_SWITCH_S)
-    listener = await metrics.bind(cfg.metrics_listen) if cfg.metrics_listen else None
+    listener = await metrics_listener.bind(cfg.metrics_listen) if cfg.metrics_listen else None
     async with open_store(cfg) as store:
         if listener is not None:
-            await store.nursery.start(metrics.serve, store.metrics, listener)
+            await store.nursery.start(metrics_listener.serve, store.metrics, listener)
         try:
             # The kernel sets a FUSE mount's readahead when it gets the answer to INIT,
             # after init() returns: so the first open sets it.

@@ -1,31 +1,33 @@
 """A blocking ranged GET that reads the body straight into the caller's buffer.
 
 This is the cold-read fast path, run in worker threads (`Origin.fetch_range` chooses it for
-plain fetches of trusted URLs). httpx on the trio thread received each body in pieces that
-h11 copied twice and that the fetcher copied again; here `readinto` takes the bytes from the
-socket into the chunk buffer with one copy, off the trio thread. Connections are kept alive
-and reused, one pool per (scheme, host, port) and proxy.
+plain fetches of trusted URLs). `readinto` takes the bytes from the socket into the chunk
+buffer with one copy, off the trio thread, where httpx would hand them over in pieces that h11
+has copied twice and the fetcher would copy again. Connections are kept alive and reused, one
+pool per (scheme, host, port) and proxy.
 
-Everything the origin may answer is checked as in `fetcher.py` (same status rules, ETag and
-Content-Range checks); what this path does not handle (a redirect) is handed back to httpx
-with `Unhandled`. No policy checks happen here: untrusted URLs never take this path.
+This module only moves bytes: what the answer means (status, ETag, Content-Range) is decided
+by `origin.check_answer`, the same rules the httpx transport follows. What this path does not
+handle (a redirect) is handed back to httpx with `Redirected`. No policy checks happen here:
+untrusted URLs never take this path.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import http.client
-import re
 import socket
 import ssl
 import threading
 import urllib.request
 from urllib.parse import urlsplit
 
-from imgstore.errors import OriginChanged, OriginError
+from imgstore.errors import OriginRetry
+from imgstore.origin import check_answer, check_complete, describe, overrun, range_headers
 
 USER_AGENT = "imgstore"
-_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+_REDIRECTS = (301, 302, 303, 307, 308)
 _IDLE_PER_POOL = 16
 # The most one readinto asks for. A buffered reader fills a large request with several socket
 # reads, and a reset in the middle loses all of them (the exception carries no count): pieces
@@ -38,20 +40,9 @@ _PIECE = 256 * 1024
 _STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
 
 
-class Retry(Exception):
-    """This attempt failed in a way worth retrying; `received` bytes landed before it did."""
-
-    def __init__(self, message: str, received: int = 0) -> None:
-        super().__init__(message)
-        self.received = received
-
-
-class Unhandled(Exception):
-    """The answer needs the general client (a redirect): nothing was received."""
-
-
-class NoRange(OriginError):
-    """The origin answered the ranged request with the whole body (a 200)."""
+class Redirected(Exception):
+    """Raised when the origin answered with a redirect, which this transport leaves to httpx;
+    nothing of the body was received."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,80 +95,55 @@ class RangeGetter:
     def get_into(self, url: str, etag: str | None, start: int, size: int, buf: memoryview) -> None:
         """Fill `buf` with bytes [start, start+len(buf)) of the blob at `url`.
 
-        Raises Retry (transport errors, 5xx, 429, short bodies: `received` says how much of
-        `buf` is filled), OriginChanged, NoRange, OriginError, or Unhandled.
+        Raises what `origin.check_answer` raises (OriginRetry's `received` says how much of
+        `buf` is filled), or Redirected.
         """
         end = start + len(buf)
         target = self._target(url)
-        conn, reused = self._checkout(target)
-        resp: http.client.HTTPResponse | None = None
+        headers = {
+            "Host": _host_header(target),
+            **range_headers(start, end, etag),
+            "Accept-Encoding": "identity",
+            "User-Agent": USER_AGENT,
+        }
+        conn, resp = self._ask(target, headers)
         reusable = False
-        received = 0
         try:
-            headers = {
-                "Host": _host_header(target),
-                "Range": f"bytes={start}-{end - 1}",
-                "Accept-Encoding": "identity",
-                "User-Agent": USER_AGENT,
-            }
-            if strong_etag(etag):
-                headers["If-Range"] = etag  # type: ignore[assignment]
-            while True:
-                try:
-                    conn.request("GET", target.path, headers=headers)
-                    resp = conn.getresponse()
-                    break
-                except (OSError, http.client.HTTPException) as exc:
-                    if not reused or not isinstance(exc, _STALE):
-                        raise Retry(_describe(exc)) from exc
-                    # A kept-alive connection the server closed while it was idle: not a
-                    # failure of the origin, so ask again at once on a new one.
-                    conn.close()
-                    conn, reused = self._checkout(target, fresh=True)
-            status = resp.status
-            if status in (301, 302, 303, 307, 308):
-                raise Unhandled(f"{url}: redirect {status}")
-            if status >= 500 or status == 429:
-                raise Retry(f"HTTP {status}")
-            got = resp.getheader("ETag")
-            if status not in (200, 206):
-                raise OriginError(f"{url}: HTTP {status} {resp.reason}")
-            if etag and got and got != etag:
-                raise OriginChanged(f"{url}: ETag changed from {etag} to {got}")
-            if status == 200:
-                raise NoRange(f"{url}: answered 200 to a Range request")
-            content_range = resp.getheader("Content-Range")
-            if parse_content_range(content_range) not in ((start, end, size), (start, end, None)):
-                if _ended(resp):
-                    # http.client takes the end of the stream for the end of the headers: an
-                    # answer cut inside them lacks what came after the cut.
-                    raise Retry(f"answer ended in its headers (Content-Range {content_range!r})")
-                raise OriginError(
-                    f"{url}: asked bytes {start}-{end - 1}/{size}, got "
-                    f"Content-Range {content_range!r}"
-                )
-            try:
-                while received < len(buf):
-                    n = resp.readinto(buf[received : received + _PIECE])
-                    if not n:
-                        break
-                    received += n
-                if received == len(buf) and resp.read(1):
-                    raise OriginError(f"{url}: body longer than the range asked for")
-            except (OSError, http.client.HTTPException) as exc:
-                raise Retry(_describe(exc), received) from exc
-            if received < len(buf):
-                raise Retry(f"body ended after {received} of {len(buf)} bytes", received)
+            if resp.status in _REDIRECTS:
+                raise Redirected(f"{url}: redirect {resp.status}")
+            span = (start, end, size)
+            ended = functools.partial(_ended, resp)
+            check_answer(url, resp.status, resp.reason, resp.getheader, etag, span, ended)
+            _read_body(url, resp, buf)
             reusable = not resp.will_close
         finally:
             if reusable:
                 self._checkin(target, conn)
             else:
-                if resp is not None:
-                    # The answer's reader holds the socket open: closing only the connection
-                    # would leave its descriptor to the garbage collector.
-                    resp.close()
+                # The answer's reader holds the socket open: closing only the connection
+                # would leave its descriptor to the garbage collector.
+                resp.close()
                 conn.close()
+
+    def _ask(
+        self, target: _Target, headers: dict[str, str]
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """Send the GET and read the answer's head, on a kept-alive connection if one is idle.
+
+        Raises OriginRetry when no answer came; the connection is closed then.
+        """
+        conn, reused = self._checkout(target)
+        while True:
+            try:
+                conn.request("GET", target.path, headers=headers)
+                return conn, conn.getresponse()
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                if not reused or not isinstance(exc, _STALE):
+                    raise OriginRetry(describe(exc)) from exc
+                # A kept-alive connection the server closed while it was idle: not a
+                # failure of the origin, so ask again at once on a new one.
+                conn, reused = self._checkout(target, fresh=True)
 
     def _target(self, url: str) -> _Target:
         parts = urlsplit(url)
@@ -214,7 +180,7 @@ class RangeGetter:
             conn.connect()
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            raise Retry(_describe(exc)) from exc
+            raise OriginRetry(describe(exc)) from exc
         if conn.sock is not None:
             conn.sock.settimeout(self.read_timeout)
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -229,6 +195,22 @@ class RangeGetter:
         conn.close()
 
 
+def _read_body(url: str, resp: http.client.HTTPResponse, buf: memoryview) -> None:
+    """Read the answer's body into `buf`, which it must fill exactly."""
+    received = 0
+    try:
+        while received < len(buf):
+            n = resp.readinto(buf[received : received + _PIECE])
+            if not n:
+                break
+            received += n
+        if received == len(buf) and resp.read(1):
+            raise overrun(url)
+    except (OSError, http.client.HTTPException) as exc:
+        raise OriginRetry(describe(exc), received) from exc
+    check_complete(received, len(buf))
+
+
 def _ended(resp: http.client.HTTPResponse) -> bool:
     """Whether the answer has nothing after its headers (the connection ended there)."""
     try:
@@ -240,26 +222,3 @@ def _ended(resp: http.client.HTTPResponse) -> bool:
 def _host_header(t: _Target) -> str:
     default = 443 if t.scheme == "https" else 80
     return t.host if t.port == default else f"{t.host}:{t.port}"
-
-
-def parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:
-    """`bytes a-b/total` -> (a, b+1, total or None); None if absent or malformed."""
-    match = _CONTENT_RANGE.match(value or "")
-    if not match:
-        return None
-    total = None if match.group(3) == "*" else int(match.group(3))
-    return int(match.group(1)), int(match.group(2)) + 1, total
-
-
-def strong_etag(etag: str | None) -> str | None:
-    """If-Range needs a strong validator; weak ETags (W/"…") are not used."""
-    if etag and not etag.startswith("W/"):
-        return etag
-    return None
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError | socket.timeout):
-        return "ReadTimeout: the origin sent nothing for too long"
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}"
