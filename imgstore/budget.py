@@ -62,6 +62,18 @@ class Budget:
     def used(self) -> int:
         return sum(self.allocated.values()) + self.reserved
 
+    def set_allocated(self, sha1: str, nbytes: int) -> None:
+        """Count `nbytes` as what `sha1`'s data file holds now (after its data was dropped)."""
+        self.allocated[sha1] = nbytes
+
+    def grow_allocated(self, sha1: str, nbytes: int) -> None:
+        """Count at least `nbytes` for `sha1`'s data file, which is being written.
+
+        Writes and syncs finish in any order, and the file only grows while it is written
+        (dropping its data needs it closed): the largest figure seen is the latest.
+        """
+        self.allocated[sha1] = max(nbytes, self.allocated.get(sha1, 0))
+
     async def refresh(self) -> None:
         """Re-read the allocated size of every data file (other processes write too)."""
         self.allocated = await self._io(scan_allocated, self.cfg.cache_dir)

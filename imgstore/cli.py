@@ -255,7 +255,7 @@ async def _fetch(cfg: StoreConfig, sha1s: list[str], show_progress: bool) -> int
                 continue
             if isinstance(error, BlobCorrupt):
                 # The reason (the SHA-1 the bytes have) is in the catalog, as readers see it.
-                error = BlobCorrupt.of(sha1, (await store.record(sha1)).error)
+                error = BlobCorrupt.of(sha1, (await store.blob_record(sha1)).error)
             print(f"imgstore fetch: {error}", file=sys.stderr)
             failed += 1
     return EXIT_FAILED if failed else EXIT_OK
