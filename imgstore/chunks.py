@@ -18,6 +18,7 @@ import fcntl
 import logging
 import mmap
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from imgstore.errors import BlobBusy, CacheFull
@@ -55,6 +56,43 @@ def chunks_touching(off: int, length: int, size: int, chunk_size: int) -> range:
 
 def blob_dir(cache_dir: Path) -> Path:
     return cache_dir / "blobs"
+
+
+class ChunkAligner:
+    """Cuts a body that arrives in pieces into whole chunks (when an origin ignores Range).
+
+    The body may break and restart from 0 (a retry): what is pending then belongs to the
+    broken answer and is not joined to the new one's bytes, and the new body's bytes up to
+    the next chunk boundary are skipped.
+    """
+
+    def __init__(self, size: int, chunk_size: int) -> None:
+        self.size = size
+        self.chunk_size = chunk_size
+        self._pending = bytearray()
+        self._start = 0  # the body offset of the first pending byte
+
+    def feed(self, offset: int, piece: bytes) -> Iterator[tuple[int, bytes]]:
+        """The chunks (index, bytes) that `piece`, at body `offset`, completes."""
+        pending = self._pending
+        if offset != self._start + len(pending):
+            pending.clear()
+            self._start = offset
+        pending += piece
+        while pending:
+            idx = self._start // self.chunk_size
+            start, end = chunk_span(idx, self.size, self.chunk_size)
+            if self._start != start:  # a restarted body: realign on the next chunk
+                skip = min(len(pending), end - self._start)
+                del pending[:skip]
+                self._start += skip
+                continue
+            if len(pending) < end - start:
+                return
+            chunk = bytes(pending[: end - start])
+            del pending[: end - start]
+            self._start = end
+            yield idx, chunk
 
 
 class DataFile:

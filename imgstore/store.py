@@ -23,7 +23,7 @@ from imgstore.blob import RECENT_CHUNKS, Blob, Chunk
 from imgstore.budget import Budget
 from imgstore.buffers import BufferPool
 from imgstore.catalog import BlobRecord, Catalog
-from imgstore.chunks import DataFile, chunks_touching
+from imgstore.chunks import ChunkAligner, DataFile, chunks_touching
 from imgstore.config import StoreConfig
 from imgstore.errors import BlobCorrupt, OriginError, StoreError
 from imgstore.fetcher import Origin, RangeNotSupported
@@ -448,31 +448,11 @@ class Store:
             return
         flights.whole = trio.Event()
         flights.whole_error = None
-        pending = bytearray()
-        pending_start = 0
+        aligner = ChunkAligner(blob.size, blob.chunk_size)
 
         async def consume(offset: int, piece: bytes) -> None:
-            nonlocal pending, pending_start
             self.metrics.origin_bytes.inc(len(piece))
-            if offset != pending_start + len(pending):
-                # The body broke and restarted from 0: what is pending belongs to the broken
-                # answer and must not be joined to the new one's bytes.
-                pending.clear()
-                pending_start = offset
-            pending += piece
-            while pending:
-                idx = pending_start // blob.chunk_size
-                start, end = blob.span(idx)
-                if pending_start != start:  # restarted body: realign on the next chunk
-                    skip = min(len(pending), end - pending_start)
-                    del pending[:skip]
-                    pending_start += skip
-                    continue
-                if len(pending) < end - start:
-                    return
-                chunk = bytes(pending[: end - start])
-                del pending[: end - start]
-                pending_start = end
+            for idx, chunk in aligner.feed(offset, piece):
                 if idx not in blob.readable:
                     await self.writeback.store_chunk(blob, idx, chunk)
 
