@@ -82,6 +82,14 @@ class HashState:
     verdict: trio.Event = dataclasses.field(default_factory=trio.Event)
 
 
+@dataclasses.dataclass(frozen=True)
+class BlobStatus:
+    """What the mount's xattrs show of a blob: its state and cached bytes."""
+
+    state: str
+    cached_bytes: int
+
+
 class Blob:
     """This process's live state of one blob; exists while the blob is open or busy."""
 

@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 BLOCK = 4096
 METADATA_SLACK = 2 * BLOCK
 # A reservation trusts the last statvfs, less what was reserved since, while this much stays
-# free above `min_free` and the figure is this recent. A statvfs per 4 MiB chunk was a thread
-# hop inside the one-at-a-time write of a sequential reader's chunks (250 per GiB). Other
+# free above `min_free` and the figure is this recent: a statvfs per chunk would be a thread
+# hop inside the one-at-a-time write chain of a sequential reader's chunks. Other
 # processes may fill the disk in between: a write that meets ENOSPC still evicts and retries.
 DISK_HEADROOM = 256 * 1024 * 1024
 DISK_RECHECK_S = 1.0

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from imgstore.blob import RECENT_CHUNKS, Blob, Chunk
+from imgstore.blob import RECENT_CHUNKS, Blob, BlobStatus, Chunk
 from imgstore.budget import Budget
 from imgstore.buffers import BufferPool
 from imgstore.catalog import BlobRecord, Catalog
@@ -44,14 +44,6 @@ DRAIN_S = 5.0
 # Reads the page cache holds are served on the trio thread (RWF_NOWAIT never waits for the
 # disk); others take a worker thread.
 _NOWAIT_READS = hasattr(os, "RWF_NOWAIT") and hasattr(os, "preadv")
-
-
-@dataclasses.dataclass(frozen=True)
-class BlobStatus:
-    """What `ls` and the xattrs show of a blob: this process's live view if it has one."""
-
-    state: str
-    cached_bytes: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,8 +127,11 @@ class Store:
         return await self._db(self.catalog.list)
 
     def status(self, rec: BlobRecord) -> BlobStatus:
-        """The blob's state and cached bytes: as this process sees them if it has it open
-        (ahead of the catalog, which follows once chunks are durable), else the catalog's."""
+        """The blob's state and cached bytes, as the mount's xattrs show them.
+
+        This process's view if it has the blob open (ahead of the catalog, which follows once
+        chunks are durable), else the catalog's.
+        """
         live = self.blobs.get(rec.sha1)
         if live is None:
             return BlobStatus(rec.state, rec.cached_bytes)
