@@ -7,8 +7,8 @@ is also present (durable and recorded), so the catalog never calls verified byte
 could lose; the last chunk to be recorded calls `advance` again for that.
 
 The store passes its seams in: the `db`/`io` runners, the budget, and callbacks for what the
-store reports (log lines, metrics) and for closing an idle blob. This module imports no other
-part of the block cache but `blob.py`.
+store reports (log lines, metrics) and for closing an idle blob, so this module imports neither
+`store.py` nor `writeback.py`.
 """
 
 from __future__ import annotations

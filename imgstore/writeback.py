@@ -12,7 +12,7 @@ readable at once from memory and written behind by the blob's one writer task wi
 so fetching and writing overlap instead of adding up.
 
 The store passes its seams in (`db`/`io` runners, the budget, the catalog, callbacks), as
-`Budget` takes its own; this module imports no other part of the block cache but `blob.py`.
+`Budget` takes its own, so this module imports neither `store.py` nor `hashing.py`.
 """
 
 from __future__ import annotations
