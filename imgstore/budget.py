@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 BLOCK = 4096
 METADATA_SLACK = 2 * BLOCK
 # A reservation trusts the last statvfs, less what was reserved since, while this much stays
-# free above `min_free` and the figure is this recent. A statvfs per 4 MiB chunk was a thread
-# hop inside the one-at-a-time write of a sequential reader's chunks (250 per GiB). Other
+# free above `min_free` and the figure is this recent: a statvfs per chunk would be a thread
+# hop inside the one-at-a-time write chain of a sequential reader's chunks. Other
 # processes may fill the disk in between: a write that meets ENOSPC still evicts and retries.
 DISK_HEADROOM = 256 * 1024 * 1024
 DISK_RECHECK_S = 1.0
@@ -61,6 +61,18 @@ class Budget:
     @property
     def used(self) -> int:
         return sum(self.allocated.values()) + self.reserved
+
+    def set_allocated(self, sha1: str, nbytes: int) -> None:
+        """Count `nbytes` as what `sha1`'s data file holds now (after its data was dropped)."""
+        self.allocated[sha1] = nbytes
+
+    def grow_allocated(self, sha1: str, nbytes: int) -> None:
+        """Count at least `nbytes` for `sha1`'s data file, which is being written.
+
+        Writes and syncs finish in any order, and the file only grows while it is written
+        (dropping its data needs it closed): the largest figure seen is the latest.
+        """
+        self.allocated[sha1] = max(nbytes, self.allocated.get(sha1, 0))
 
     async def refresh(self) -> None:
         """Re-read the allocated size of every data file (other processes write too)."""

@@ -1,12 +1,12 @@
 """Chunk buffers, reused once nothing refers to them.
 
-A fresh `bytearray(4 MiB)` per fetched chunk cost a memset and a page fault per 4 KiB page (on
-this kind of VM, where freed memory goes back to the host, the faults are the dear part): a
-tenth of the daemon's CPU in a cold read. A chunk buffer has several users with different
-lifetimes (the fetch thread, the write, the hasher's thread, the in-memory cache of recent
-chunks, a fetch thread abandoned at a deadline that may still write into it), so the pool
-does not ask them to give buffers back: a buffer is free when only the pool refers to it,
-which CPython's reference count says exactly (a memoryview of it counts as a reference too).
+A fresh `bytearray(4 MiB)` per fetched chunk costs a memset and a page fault per 4 KiB page (on
+a VM whose freed memory goes back to the host, the faults are the dear part). A chunk buffer
+has several users with different lifetimes (the fetch thread, the write, the hasher's thread,
+the in-memory cache of recent chunks, a fetch thread abandoned at a deadline that may still
+write into it), so the pool does not ask them to give buffers back: a buffer is free when only
+the pool refers to it, which CPython's reference count says exactly (a memoryview of it counts
+as a reference too).
 
 Pooled buffers are anonymous mappings, so they are page-aligned: the data file may write them
 with O_DIRECT (see chunks.DataFile.write).

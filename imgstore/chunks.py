@@ -3,7 +3,7 @@
 Everything here is synchronous and blocking; the daemon calls it through `trio.to_thread`.
 A chunk's bytes are written with `os.pwrite` and made durable with `fdatasync` before the
 caller records the chunk in the catalog, so a crash never leaves a recorded chunk unwritten
-(one `fdatasync` may cover several chunks: the store batches them, see `Store._durable`).
+(one `fdatasync` may cover several chunks: the store batches them, see `WriteBack._wait_durable`).
 
 Data files live at `cache_dir/blobs/<sha1>` (0600, directory 0700). A process that reads or
 writes a blob's data holds a shared `flock` on its file; dropping a blob's data (eviction,
@@ -18,6 +18,7 @@ import fcntl
 import logging
 import mmap
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from imgstore.errors import BlobBusy, CacheFull
@@ -25,10 +26,10 @@ from imgstore.errors import BlobBusy, CacheFull
 log = logging.getLogger(__name__)
 
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
-# Buffered writes go in pieces of this size. On a VM whose freed memory goes back to the host
-# (free page reporting), a whole 4 MiB pwrite made ext4 allocate large page-cache folios from
-# memory the host had reclaimed: 3.3 s of kernel time per GiB against 0.3 s in 16 KiB pieces,
-# which is also what curl writes.
+# Buffered writes go in pieces of this size. A whole 4 MiB pwrite makes ext4 allocate large
+# page-cache folios, which on a VM whose freed memory goes back to the host (free page
+# reporting) must be taken back from the host first; small pieces, as curl writes, do not.
+# The figures are in docs/imgstore-design.md (history, third round).
 _WRITE_PIECE = 16 * 1024
 # O_DIRECT needs offsets, lengths and buffer addresses aligned to the device's blocks; a page
 # is enough for every device.
@@ -55,6 +56,43 @@ def chunks_touching(off: int, length: int, size: int, chunk_size: int) -> range:
 
 def blob_dir(cache_dir: Path) -> Path:
     return cache_dir / "blobs"
+
+
+class ChunkAligner:
+    """Cuts a body that arrives in pieces into whole chunks (when an origin ignores Range).
+
+    The body may break and restart from 0 (a retry): what is pending then belongs to the
+    broken answer and is not joined to the new one's bytes, and the new body's bytes up to
+    the next chunk boundary are skipped.
+    """
+
+    def __init__(self, size: int, chunk_size: int) -> None:
+        self.size = size
+        self.chunk_size = chunk_size
+        self._pending = bytearray()
+        self._start = 0  # the body offset of the first pending byte
+
+    def feed(self, offset: int, piece: bytes) -> Iterator[tuple[int, bytes]]:
+        """The chunks (index, bytes) that `piece`, at body `offset`, completes."""
+        pending = self._pending
+        if offset != self._start + len(pending):
+            pending.clear()
+            self._start = offset
+        pending += piece
+        while pending:
+            idx = self._start // self.chunk_size
+            start, end = chunk_span(idx, self.size, self.chunk_size)
+            if self._start != start:  # a restarted body: realign on the next chunk
+                skip = min(len(pending), end - self._start)
+                del pending[:skip]
+                self._start += skip
+                continue
+            if len(pending) < end - start:
+                return
+            chunk = bytes(pending[: end - start])
+            del pending[: end - start]
+            self._start = end
+            yield idx, chunk
 
 
 class DataFile:
@@ -100,7 +138,7 @@ class DataFile:
 
         `preadv2(RWF_NOWAIT)` fails with EAGAIN instead of starting disk I/O, so this may run
         on the trio thread: a 1 MiB copy from the page cache costs far less than the thread
-        hop of `pread` (~1.5 ms a read in a cold-read profile). Same contract as `pread`.
+        hop of `pread`. Same contract as `pread`.
         The bytes land in `buf` (grown if short), and a view of them is returned.
         """
         if len(buf) < length:

@@ -257,7 +257,7 @@ async def _fetch(
             error = await _fetch_one(store, sha1, watch)
             if isinstance(error, BlobCorrupt):
                 # The reason (the SHA-1 the bytes have) is in the catalog, as readers see it.
-                error = BlobCorrupt.of(sha1, (await store.record(sha1)).error)
+                error = BlobCorrupt.of(sha1, (await store.blob_record(sha1)).error)
             results.append(Fetched(sha1, error))
             report(results[-1])
     return results

@@ -18,7 +18,6 @@ import stat
 from collections.abc import Callable, Sequence
 
 import pyfuse3
-import trio
 
 from imgstore.catalog import BlobRecord
 from imgstore.errors import (
@@ -108,8 +107,8 @@ class Operations(pyfuse3.Operations):
         attr.entry_timeout = attr.attr_timeout = timeout
         return attr
 
-    async def _record(self, inode: int) -> BlobRecord:
-        rec = await self.store._db(self.store.catalog.by_id, inode - BLOB_BASE)
+    async def _blob_record(self, inode: int) -> BlobRecord:
+        rec = await self.store.blob_record_by_id(inode - BLOB_BASE)
         if rec is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return rec
@@ -117,7 +116,7 @@ class Operations(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if inode in DIRS:
             return self._dir_attr(inode)
-        return self._blob_attr(await self._record(inode))
+        return self._blob_attr(await self._blob_record(inode))
 
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
@@ -132,7 +131,7 @@ class Operations(pyfuse3.Operations):
             sha1 = normalize_sha1(name.decode("ascii", "replace"))
             if sha1 != name.decode("ascii", "replace"):
                 raise pyfuse3.FUSEError(errno.ENOENT)  # only the canonical name exists
-            rec = await self.store.record(sha1)
+            rec = await self.store.blob_record(sha1)
         except StoreError as exc:
             raise pyfuse3.FUSEError(to_errno(exc)) from None
         return self._blob_attr(rec)
@@ -148,7 +147,7 @@ class Operations(pyfuse3.Operations):
         if fh == ROOT:
             entries = [(name, self._dir_attr(ino)) for name, ino in DIRS[ROOT].items()]
         else:
-            recs = await self.store._db(self.store.catalog.list)
+            recs = await self.store.blob_records()
             entries = [(rec.sha1.encode(), self._blob_attr(rec)) for rec in recs]
         for i, (name, attr) in enumerate(entries[start_id:], start=start_id):
             if not pyfuse3.readdir_reply(token, name, attr, i + 1):
@@ -167,7 +166,7 @@ class Operations(pyfuse3.Operations):
         if self._on_first_open is not None:
             tune, self._on_first_open = self._on_first_open, None
             tune()
-        rec = await self._record(inode)
+        rec = await self._blob_record(inode)
         try:
             handle = await self.store.open(rec.sha1)
         except StoreError as exc:
@@ -194,13 +193,11 @@ class Operations(pyfuse3.Operations):
         return not mode & os.W_OK
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        st = await trio.to_thread.run_sync(os.statvfs, self.store.cfg.cache_dir)
+        usage = await self.store.usage()
         out = pyfuse3.StatvfsData()
         out.f_bsize = out.f_frsize = 4096
-        limit = self.store.cfg.cache_size
-        total = limit if limit is not None else st.f_blocks * st.f_frsize
-        out.f_blocks = total // 4096
-        out.f_bfree = out.f_bavail = max(0, total - self.store.budget.used) // 4096
+        out.f_blocks = usage.total // 4096
+        out.f_bfree = out.f_bavail = max(0, usage.total - usage.used) // 4096
         out.f_files = out.f_ffree = out.f_favail = 0
         out.f_namemax = 255
         return out
@@ -213,11 +210,9 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if inode in DIRS or name not in XATTRS:
             raise pyfuse3.FUSEError(errno.ENODATA)
-        rec = await self._record(inode)
-        live = self.store.blobs.get(rec.sha1)
+        rec = await self._blob_record(inode)
         if name == b"user.imgstore.state":
-            return (live.state if live is not None else rec.state).encode()
+            return self.store.status(rec).state.encode()
         if name == b"user.imgstore.url":
             return rec.urls[0].url.encode() if rec.urls else b""
-        cached = live.cached_bytes if live is not None else rec.cached_bytes
-        return str(cached).encode()
+        return str(self.store.status(rec).cached_bytes).encode()

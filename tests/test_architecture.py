@@ -4,6 +4,8 @@ module that owns it.
 - Inside `imgstore` and inside `registrar`, the module import graph has no cycle.
 - Only the cloud backend modules (`registrar/clouds/`) import boto3/botocore or the OpenStack
   SDK (openstacksdk, keystoneauth1); only `imgstore/fs.py` knows pyfuse3's FUSEError.
+- No module is over 500 lines and no function over 60, except an argument parser: a newcomer
+  reads any one of them whole.
 """
 
 from __future__ import annotations
@@ -86,3 +88,37 @@ def test_only_fs_knows_fuse_errors() -> None:
         )
     }
     assert knowing == {"imgstore.fs"}
+
+
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 60
+# An argument parser is a list of options, one call each: long, but nothing to follow.
+_PARSER_CALLS = {"add_argument", "add_parser", "add_argument_group", "set_defaults"}
+
+
+def _is_parser(func: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    calls = [
+        n.func.attr
+        for n in ast.walk(func)
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+    ]
+    return sum(c in _PARSER_CALLS for c in calls) * 2 >= len(calls) > 0
+
+
+@pytest.mark.parametrize("package", ["imgstore", "registrar"])
+def test_no_module_or_function_is_too_long_to_read(package: str) -> None:
+    long_modules = {
+        str(path.relative_to(ROOT)): n
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert long_modules == {}
+    long_functions = {
+        f"{name}.{node.name}": length
+        for name, tree in _modules(package).items()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and (length := node.end_lineno - node.lineno + 1) > MAX_FUNCTION_LINES  # type: ignore[operator]
+        and not _is_parser(node)
+    }
+    assert long_functions == {}

@@ -14,11 +14,12 @@ import pytest
 import trio
 
 from imgstore import client
-from imgstore import store as store_module
+from imgstore import hashing as hashing_module
 from imgstore.config import StoreConfig
 from imgstore.errors import BlobCorrupt, OriginError
 from imgstore.fs import BLOB_BASE, BY_SHA1, Operations
-from imgstore.store import HASH_BATCH, open_store
+from imgstore.hashing import HASH_BATCH
+from imgstore.store import open_store
 from tests.imgstore.plainhttp import no_range_origin
 
 MiB = 1024 * 1024
@@ -253,18 +254,18 @@ async def test_a_cold_sequential_read_is_hashed_from_memory(tmp_path, origin, mo
     sha1 = hashlib.sha1(data).hexdigest()
     client.add(tmp_path, sha1, [origin.put("seq.bin", data)], chunk_size=4 * MiB)
     read_back = []
-    real_range, real_pieces = store_module._hash_range, store_module._hash_pieces
+    real_range, real_pieces = hashing_module._hash_range, hashing_module._hash_pieces
 
     def slow_pieces(hasher, pieces):
         time.sleep(0.03)
         real_pieces(hasher, pieces)
 
     monkeypatch.setattr(
-        store_module,
+        hashing_module,
         "_hash_range",
         lambda blob, a, b: read_back.append(a) or real_range(blob, a, b),
     )
-    monkeypatch.setattr(store_module, "_hash_pieces", slow_pieces)
+    monkeypatch.setattr(hashing_module, "_hash_pieces", slow_pieces)
     async with open_store(config(tmp_path, chunk_size=4 * MiB)) as store:
         assert await read_all(store, sha1, piece=MiB) == data
     assert client.info(tmp_path, sha1).state == "verified"

@@ -16,7 +16,7 @@ from imgstore.chunks import DataFile, chunk_span, chunks_touching
 from imgstore.config import load, parse_size
 from imgstore.errors import BadSha1, BadUrl, ConfigError, UnknownBlob
 from imgstore.fetcher import check_url, parse_content_range
-from imgstore.store import Handle, _covers, _merge
+from imgstore.handle import Handle, _covers, _merge
 from imgstore.verify import normalize_sha1
 
 MiB = 1024 * 1024
