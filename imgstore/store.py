@@ -25,8 +25,8 @@ from imgstore.buffers import BufferPool
 from imgstore.catalog import BlobRecord, Catalog
 from imgstore.chunks import ChunkAligner, DataFile, chunks_touching
 from imgstore.config import StoreConfig
-from imgstore.errors import BlobCorrupt, OriginError, StoreError
-from imgstore.fetcher import Origin, RangeNotSupported
+from imgstore.errors import BlobCorrupt, OriginError, RangeNotSupported, StoreError
+from imgstore.fetcher import Origin
 from imgstore.handle import Handle
 from imgstore.hashing import Hashing
 from imgstore.metrics import StoreMetrics
