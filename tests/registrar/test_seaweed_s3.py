@@ -184,6 +184,10 @@ def test_an_interrupted_upload_leaves_nothing_on_seaweedfs(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C at a terminal reaches a process whose SIGINT is at its default. A suite run
+        # as a background job of a script has SIGINT ignored (POSIX shells do that), and a
+        # child keeps an ignored signal across exec: it would never see this one.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         held = s3_faults.held.wait(60)
