@@ -248,20 +248,24 @@ def os_web_download(site: Site, prefix: str) -> dict[str, str]:
             f"/images/{made['id']}/import",
             {"method": {"name": "web-download", "uri": site.urls[image.type]}},
         )
-        _wait_imported(glance, image.type, made["id"])
+        deadline = IMPORT_BASE_S + image.path.stat().st_size / IMPORT_MIN_RATE
+        _wait_imported(glance, image.type, made["id"], deadline)
         ids[image.type] = made["id"]
     return ids
 
 
-# Glance on sqlite imports 1 GiB in about 10 s here; far past that, something is stuck.
-IMPORT_DEADLINE_S = 600
+# Glance on sqlite imports 1 GiB in about 10 s here; far past that, something is stuck. The
+# deadline scales with the file, so a stall at the smoke test's 8 MiB ends in Glance's log
+# within its time limit instead of a bare timeout.
+IMPORT_BASE_S = 60.0
+IMPORT_MIN_RATE = 1024 * 1024  # bytes per second
 
 
-def _wait_imported(glance: Any, kind: str, image_id: str) -> None:
+def _wait_imported(glance: Any, kind: str, image_id: str, seconds: float) -> None:
     """Poll until active. A failed import puts the image back to `queued` and its task to
     `failure` (Glance sets no failed-store mark without multiple stores), so both are watched:
     without that a failed import would be waited on until the deadline."""
-    deadline = time.monotonic() + IMPORT_DEADLINE_S
+    deadline = time.monotonic() + seconds
     while True:
         image = glance.call("GET", f"/images/{image_id}")
         if image["status"] == "active":
@@ -275,7 +279,7 @@ def _wait_imported(glance: Any, kind: str, image_id: str) -> None:
             )
         if time.monotonic() > deadline:
             raise RunFailed(
-                f"web-download of {kind} not active within {IMPORT_DEADLINE_S} s "
+                f"web-download of {kind} not active within {seconds:.0f} s "
                 f"(status {image['status']}, tasks {[t.get('status') for t in tasks]}); "
                 f"Glance's log:\n{log_tail(glance.log, 15)}"
             )
