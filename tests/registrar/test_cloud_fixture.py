@@ -93,9 +93,10 @@ def test_ec2_register_and_describe_through_the_recording_proxy(cloud: StandInClo
     ]
 
 
-def _manifest(image_type: str, arch: str = "x86_64") -> bytes:
+def _manifest(image_type: str, arch: str = "x86_64", kernel_id: str = "") -> bytes:
+    kernel = f"<kernel_id>{kernel_id}</kernel_id>" if kernel_id else ""
     return (
-        f"<manifest><machine_configuration><architecture>{arch}</architecture>"
+        f"<manifest><machine_configuration><architecture>{arch}</architecture>{kernel}"
         f"</machine_configuration><image><type>{image_type}</type></image></manifest>"
     ).encode()
 
@@ -135,6 +136,11 @@ def test_the_proxy_checks_every_register_image_as_eucalyptus_would(cloud: StandI
     register("m", "kernel-swapped", KernelId=ramdisk, RamdiskId=kernel)
     register("m", "kernel-unknown", KernelId="aki-12345678")
     register("k", "kernel-with-kernel", KernelId=kernel)
+    other_kernel = register("k", "kernel-2")
+    cloud.s3.put_object(
+        Bucket=cloud.bucket, Key="n/x.manifest.xml", Body=_manifest("machine", kernel_id=kernel)
+    )
+    register("n", "kernel-not-the-bundles", KernelId=other_kernel)
     assert cloud.take_violations() == [
         f"RegisterImage 'machine-1': Name 'machine-1' is already {machine}'s",
         "RegisterImage 'ab': Name 'ab' is not 3-128 characters of [A-Za-z0-9()./_-]",
@@ -146,6 +152,8 @@ def test_the_proxy_checks_every_register_image_as_eucalyptus_would(cloud: StandI
         f"RegisterImage 'kernel-swapped': RamdiskId {kernel} is not a ramdisk registered here",
         "RegisterImage 'kernel-unknown': KernelId aki-12345678 is not a kernel registered here",
         f"RegisterImage 'kernel-with-kernel': KernelId {kernel} on a kernel image",
+        f"RegisterImage 'kernel-not-the-bundles': KernelId {other_kernel} differs from the"
+        f" manifest's {kernel}",
     ]
 
     # A deregistered image's name is free again.

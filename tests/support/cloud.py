@@ -36,9 +36,9 @@ test at teardown if there is any (a test of the checks themselves takes them wit
 that is in the bucket at that moment (read from moto, or from the S3 given to
 `cloud.read_manifests_from(client)`); its `Architecture` must be the manifest's and one of
 ARCHITECTURES; `KernelId`/`RamdiskId` only on a machine image, each an id this cloud returned
-for a kernel (ramdisk) manifest in this test; its `Name` 3–128 characters of
-`[A-Za-z0-9()./_-]` and not the name of an image still registered (except one whose answer the
-proxy itself lost: the registrar could not know of it).
+for a kernel (ramdisk) manifest in this test, and the one the manifest names if it names one;
+its `Name` 3–128 characters of `[A-Za-z0-9()./_-]` and not the name of an image still
+registered (except one whose answer the proxy itself lost: the registrar could not know of it).
 
 `cloud.s3` and `cloud.ec2` are boto3 clients for the tests' own checks, straight to moto
 (`cloud.endpoint_url`). Keys: `cloud.cloud_cert`/`cloud.cloud_key` stand for the
@@ -396,6 +396,7 @@ class RecordingProxy:
         bucket, _, key = location.partition("/")
         manifest = self.read_object(bucket, key) if key.endswith(".manifest.xml") else None
         image_type = arch = None
+        listed: dict[str, str | None] = {}  # the kernel and ramdisk the bundle was made for
         if manifest is None:
             problems.append(f"ImageLocation {location!r} names no uploaded manifest")
         else:
@@ -403,6 +404,8 @@ class RecordingProxy:
                 root = etree.fromstring(manifest)
                 image_type = root.findtext("image/type")
                 arch = root.findtext("machine_configuration/architecture")
+                for param, field in (("KernelId", "kernel_id"), ("RamdiskId", "ramdisk_id")):
+                    listed[param] = root.findtext(f"machine_configuration/{field}")
             except etree.XMLSyntaxError as exc:
                 problems.append(f"the manifest at {location!r} is not XML: {exc}")
         given_arch = params.get("Architecture")
@@ -424,6 +427,10 @@ class RecordingProxy:
                     problems.append(f"{param} {given} on a {image_type} image")
                 elif self.image_types.get(given) != wanted:
                     problems.append(f"{param} {given} is not a {wanted} registered here")
+                elif listed.get(param) and listed[param] != given:
+                    # Eucalyptus would boot the parts with the id given here, not the one
+                    # the bundle's manifest names: the registrar must pass the same one.
+                    problems.append(f"{param} {given} differs from the manifest's {listed[param]}")
             self.violations += [f"RegisterImage {name!r}: {problem}" for problem in problems]
         return image_type
 
