@@ -61,6 +61,7 @@ user_key = "/root/.euca/euca2-pk.pem"
     assert cloud.cloud_cert == tmp_path / "cloud-cert.pem"  # relative to the config file
     assert cloud.user_key == Path("/root/.euca/euca2-pk.pem")
     assert (cloud.s3_signature_version, cloud.s3_addressing_style) == ("s3v4", "path")
+    assert cloud.register_timeout == 1800  # the original's imageproxy.registrationTimeout
 
 
 def test_defaults_without_sections(tmp_path: Path) -> None:

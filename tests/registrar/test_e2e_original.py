@@ -11,6 +11,7 @@ import hashlib
 import shutil
 import sqlite3
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -51,8 +52,11 @@ def _wiki_metadata(fs: tuple[str, str], kernel: tuple[str, str], ramdisk: tuple[
     return f'<?xml version="1.0" encoding="UTF-8"?>\n<images>{entries}\n</images>\n'.encode()
 
 
-def _imgcapture_tgz(src: Path, out: Path, extra: dict[str, bytes] | None = None) -> Path:
-    """What imgcapture.sh made: `tar -Sczvf name.tgz -C dir filesystem` (extra members first)."""
+def _imgcapture_tgz(
+    src: Path, out: Path, extra: dict[str, bytes] | None = None, member: str = "filesystem"
+) -> Path:
+    """What imgcapture.sh made: `tar -Sczvf name.tgz -C dir filesystem` (extra members first;
+    `member="./filesystem"` for a tar made with `tar -C dir -Sczf x.tgz ./filesystem`)."""
     work = out.parent / (out.name + ".d")
     work.mkdir()
     names = []
@@ -61,7 +65,7 @@ def _imgcapture_tgz(src: Path, out: Path, extra: dict[str, bytes] | None = None)
         names.append(name)
     shutil.copyfile(src, work / "filesystem")
     subprocess.run(["fallocate", "--dig-holes", str(work / "filesystem")], check=True)
-    names.append("filesystem")
+    names.append(member)
     subprocess.run(
         ["tar", "-Sczvf", str(out), "-C", str(work), *names], check=True, capture_output=True
     )
@@ -85,9 +89,15 @@ def test_wiki_metadata_and_imgcapture_tar_register_the_filesystem(
     assert unbundle(stack.cloud, answer["FILESYSTEM"]).sha1 == image_factory.sha1(raw)
     assert unbundle(stack.cloud, answer["KERNEL"]).sha1 == k_sha1
 
-    # imgcapture.sh's ZFILESYSTEM, and the same with a README before `filesystem`.
-    for extra in (None, {"README": b"how this image was made\n"}):
-        tgz = _imgcapture_tgz(raw, tmp_path / f"img-{bool(extra)}.tgz", extra)
+    # imgcapture.sh's ZFILESYSTEM, the same with a README before `filesystem`, and before
+    # `./filesystem` (a tar made from inside the directory).
+    readme = {"README": b"how this image was made\n"}
+    for n, (extra, member) in enumerate(
+        ((None, "filesystem"), (readme, "filesystem"), (readme, "./filesystem"))
+    ):
+        tgz = _imgcapture_tgz(raw, tmp_path / f"img-{n}.tgz", extra, member)
+        with tarfile.open(tgz) as tar:
+            assert tar.getnames() == [*(extra or {}), member]
         tgz_url = origin.put(tgz.name, tgz)
         xml = metadata_xml(
             [("ZFILESYSTEM", image_factory.sha1(tgz), tgz_url), ("KERNEL", k_sha1, k_url)]
@@ -99,7 +109,7 @@ def test_wiki_metadata_and_imgcapture_tar_register_the_filesystem(
         assert machine.sha1 == image_factory.sha1(raw), "the member named filesystem, not README"
 
 
-def test_a_tar_without_filesystem_is_a_fault_naming_its_members(
+def test_a_tar_without_filesystem_uses_its_only_file_or_is_a_fault_naming_its_members(
     stack: Stack, origin: Origin, tmp_path: Path
 ) -> None:
     work = tmp_path / "t"
@@ -110,7 +120,8 @@ def test_a_tar_without_filesystem_is_a_fault_naming_its_members(
     subprocess.run(["tar", "-czf", str(tgz), "-C", str(work), "README", "disk.img"], check=True)
     tgz_url = origin.put("bad.tgz", tgz)
     xml = metadata_xml([("ZFILESYSTEM", _sha1(tgz.read_bytes()), tgz_url)])
-    service = stack.zeep(stack.start())
+    registrar = stack.start()
+    service = stack.zeep(registrar)
     with pytest.raises(zeep.exceptions.Fault) as caught:
         service.RegisterImage(url=origin.put("bad.xml", xml), signature=_sha1(xml))
     assert caught.value.message == (
@@ -118,6 +129,19 @@ def test_a_tar_without_filesystem_is_a_fault_naming_its_members(
         "no member named 'filesystem' and 2 regular files; members found: 'README', 'disk.img'"
     )
     assert stack.cloud.bucket_keys() == [] and stack.cloud.image_ids() == []
+
+    # The same disk.img alone in the tar: it is the image, with a warning in the log.
+    one = tmp_path / "one.tgz"
+    subprocess.run(["tar", "-czf", str(one), "-C", str(work), "disk.img"], check=True)
+    xml = metadata_xml([("ZFILESYSTEM", _sha1(one.read_bytes()), origin.put("one.tgz", one))])
+    answer = loads(service.RegisterImage(url=origin.put("one.xml", xml), signature=_sha1(xml)))
+    assert unbundle(stack.cloud, answer["FILESYSTEM"]).sha1 == _sha1(
+        (work / "disk.img").read_bytes()
+    )
+    assert (
+        "the tar holds no member named 'filesystem'; using its only file 'disk.img'"
+        in registrar.log_text()
+    )
 
 
 def test_empty_entries_are_skipped_and_qcow2_on_eucalyptus(
@@ -130,10 +154,15 @@ def test_empty_entries_are_skipped_and_qcow2_on_eucalyptus(
     registrar = stack.start()
     service = stack.zeep(registrar)
 
-    # An empty ramdisk slot and a QCOW2 beside the filesystem: the filesystem registers.
+    # An empty ramdisk slot, an entry with an empty <type>, and a QCOW2 beside the
+    # filesystem: the filesystem registers.
+    untyped = image_factory.blob(1 << 20, 22)
+    untyped_url = origin.put("untyped.img", untyped)
     xml = (
         b"<images>"
         b"<image><type>RAMDISK</type><signature></signature><url></url></image>"
+        + f"<image><type></type><signature>{image_factory.sha1(untyped)}</signature>"
+        f"<url>{untyped_url}</url></image>".encode()
         + f"<image><type>QCOW2</type><signature>{_sha1(qcow2)}</signature>"
         f"<url>{q_url}</url></image>".encode()
         + f"<image><type>FILESYSTEM</type><signature>{fs_sha1}</signature>"
@@ -145,8 +174,10 @@ def test_empty_entries_are_skipped_and_qcow2_on_eucalyptus(
     assert answer == {"FILESYSTEM": answer["FILESYSTEM"], "KERNEL": "", "RAMDISK": ""}
     assert unbundle(stack.cloud, answer["FILESYSTEM"]).sha1 == fs_sha1
     assert origin.requests("disk.qcow2") == 0, "a skipped QCOW2 is not fetched"
+    assert origin.requests("untyped.img") == 0, "nor an entry without a type"
     log = registrar.log_text()
     assert "skipping image entry 1, whose <url> and <signature> are empty" in log
+    assert "skipping image entry 2, whose <type> is empty" in log
     assert f"QCOW2 image {q_url} skipped: Eucalyptus cannot register QCOW2 images" in log
 
     # A QCOW2 alone: a fault that says what is needed.
@@ -234,6 +265,7 @@ def test_import_registry_then_register_answers_the_originals_ids(
         ],
     )
     command = [*REGISTRAR, "import-registry", "--config", str(stack.config), str(db)]
+    describes = len(stack.cloud.calls_of("DescribeImages"))
     first = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr
     assert first.stdout == (
@@ -242,6 +274,13 @@ def test_import_registry_then_register_answers_the_originals_ids(
     )
     again = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert again.stdout.startswith(f"imported 0 images from {db} (3 already imported,")
+    # One DescribeImages per import: the first asks about the four ids, the second only about
+    # the one that was gone (it was not imported, so it is asked about again).
+    asked = [
+        sorted(v for k, v in call.items() if k.startswith("ImageId."))
+        for call in stack.cloud.calls_of("DescribeImages")[describes:]
+    ]
+    assert asked == [sorted([*ids.values(), gone["ImageId"]]), [gone["ImageId"]]]
 
     keys_before = stack.cloud.bucket_keys()
     origin.reset_counts()
