@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from registrar.errors import PublishUsage
 from registrar.imagefile import human_size
@@ -34,12 +35,12 @@ def publish(args: argparse.Namespace) -> int:
     for given in (image, args.kernel, args.ramdisk, args.qcow2):
         if given is not None and not given.is_file():
             raise PublishUsage(f"{given}: no such file")
+    made: Path | None = None  # the tarball --tar made
     with _progress() as progress:
         if args.tar is not None:
             name = args.name or pub.default_name(args.tar)
-            image = pub.make_tarball(args.tar, args.out, name, progress)
+            image = made = pub.make_tarball(args.tar, args.out, name, progress)
             args.name = name
-            print(f"made {image} (gzip tar, one sparse member `filesystem`)")
         result = pub.publish(
             args.base_url,
             image=image,
@@ -50,6 +51,10 @@ def publish(args: argparse.Namespace) -> int:
             out_dir=args.out,
             progress=progress,
         )
+    # Printed once the bars are gone: while they show, rich sends whatever is printed to
+    # their console, which is stderr.
+    if made is not None:
+        print(f"made {made} (gzip tar, one sparse member `filesystem`)")
     for note in result.notes:
         print(f"note: {note}")
     _print_table(

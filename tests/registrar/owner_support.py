@@ -4,17 +4,32 @@
   with URLs under ``origin``'s ``/<out_dir name>/``, then every file and the metadata put there.
 - ``run(capsys, *argv) -> (exit code, stdout, stderr)`` -- ``registrar`` in this process.
 - ``qcow2_image(path, size="64M") -> Path`` -- a real qcow2 from ``qemu-img create -f qcow2``.
+- ``run_script(*argv, cwd=None, env=None) -> CompletedProcess`` -- the installed ``registrar``
+  console script, stdout and stderr on pipes (so neither is a terminal).
+- ``run_on_terminal(*argv, stdout: Path) -> str`` -- the console script under script(1), which
+  gives it a terminal on stderr; stdout goes to the file ``stdout``. Returns what the terminal
+  showed, ANSI control sequences removed, one line per redraw (``\r`` and ``\n`` both end one).
+- ``run_measured(*argv, workdir) -> Measured`` -- the console script as one child process whose
+  peak resident memory is read from its own rusage.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import re
+import shlex
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from registrar.cli import main
 from registrar.publish import Published, publish
+from tests.registrar.e2e_stack import REGISTRAR
 from tests.support.origin import Origin
+
+TIMEOUT = 170  # below pytest's per-test timeout, so a hung command fails with its output
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def publish_to(origin: Origin, out_dir: Path, image: Path | None, **files: Any) -> Published:
@@ -41,3 +56,61 @@ def qcow2_image(path: Path, size: str = "64M") -> Path:
         capture_output=True,
     )
     return path
+
+
+def run_script(
+    *argv: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*REGISTRAR, *argv],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        stdin=subprocess.DEVNULL,
+        cwd=cwd,
+        env=env,
+    )
+
+
+def run_on_terminal(*argv: str, stdout: Path) -> str:
+    command = " ".join(shlex.quote(a) for a in [*REGISTRAR, *argv])
+    # script(1) runs the command on a new pseudo-terminal and copies what it shows to its own
+    # stdout; the redirection inside the command keeps the command's stdout off it.
+    done = subprocess.run(
+        ["script", "-qec", f"{command} > {shlex.quote(str(stdout))}", "/dev/null"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stdout
+    return "\n".join(
+        line for line in re.split(r"[\r\n]+", _ANSI.sub("", done.stdout)) if line.strip()
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    code: int
+    stdout: str
+    stderr: str
+    peak_rss: int  # bytes
+
+
+def run_measured(*argv: str, workdir: Path) -> Measured:
+    out_path, err_path = workdir / "stdout.txt", workdir / "stderr.txt"
+    # Files, not pipes: nobody has to read them while the command runs.
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        proc = subprocess.Popen(
+            [*REGISTRAR, *argv], stdout=out, stderr=err, stdin=subprocess.DEVNULL
+        )
+    # wait4 gives this one child's rusage; RUSAGE_CHILDREN would be the largest of every child
+    # this test process ever waited for (nginx, mkfs, another test's registrar).
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait
+    return Measured(
+        proc.returncode,
+        out_path.read_text(),
+        err_path.read_text(),
+        usage.ru_maxrss * 1024,  # KiB on Linux
+    )

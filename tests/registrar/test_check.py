@@ -1,17 +1,30 @@
 """`registrar check`: each publishing mistake is caught with its message; a good image passes.
 
 Images are served by a real nginx (tests/support/origin.py); one started with `max_ranges 0`
-plays a server that ignores Range. The command runs in this process (`registrar.cli.main`).
+plays a server that ignores Range. The command runs in this process (`registrar.cli.main`),
+except where a test needs a process of its own (a terminal, its peak memory, its environment):
+there it is the installed console script.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
+import os
+import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
-from tests.registrar.owner_support import publish_to, qcow2_image, run
+from tests.registrar.owner_support import (
+    publish_to,
+    qcow2_image,
+    run,
+    run_measured,
+    run_on_terminal,
+    run_script,
+)
 from tests.support.images import ImageFactory, metadata_xml
 from tests.support.nginxproc import free_port
 from tests.support.origin import Origin, start_origin
@@ -24,6 +37,43 @@ def _kernel_ramdisk(image_factory: ImageFactory) -> dict[str, Path]:
         "kernel": image_factory.blob(1 << 20, 7, "kernel"),
         "ramdisk": image_factory.blob(1 << 19, 7, "ramdisk"),
     }
+
+
+def _named(tmp_path: Path, files: dict[str, Path]) -> dict[str, Path]:
+    """The factory's cached files under the names an owner would give them (hard links)."""
+    (tmp_path / "files").mkdir(exist_ok=True)
+    named = {}
+    for name, source in files.items():
+        named[name] = tmp_path / "files" / name
+        os.link(source, named[name])
+    return named
+
+
+def _table(out: str) -> list[dict[str, str]]:
+    """The rows of the table `check` prints through a pipe: columns aligned under the header."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("type  "))
+    header = list(re.finditer(r"\S+", lines[start]))
+    names = [m.group() for m in header]
+    columns: list[int | None] = [m.start() for m in header] + [None]
+    rows = []
+    for line in lines[start + 1 :]:
+        if not line[:1].strip():
+            break  # the blank line or the indented notes after the table
+        cells = [line[a:b].strip() for a, b in zip(columns, columns[1:], strict=False)]
+        rows.append(dict(zip(names, cells, strict=True)))
+    return rows
+
+
+def _etag(url: str) -> str | None:
+    """The ETag the server sends for `url`, asked with a HEAD request."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=10)
+    try:
+        conn.request("HEAD", parts.path)
+        return conn.getresponse().getheader("ETag")
+    finally:
+        conn.close()
 
 
 def _put_metadata(
@@ -49,6 +99,12 @@ def test_a_good_image_passes_with_every_file_downloaded_once(
         line = next(row for row in out.splitlines() if row.startswith(f"{f.type} "))
         assert line.split()[1] == "yes" and " ok " in line and line.endswith(f.url)
     assert "gzip tar (member 'filesystem', sparse), 8.0 MiB raw" in out
+    # The owner's server is on loopback: worth a note (once: every URL has that host), no more.
+    loopback = (
+        "  note: 127.0.0.1 is a loopback address (127.0.0.1): no other machine reaches it, and "
+        "sites refuse loopback URLs"
+    )
+    assert loopback in out.splitlines() and out.count("is a loopback address") == 1
     # One ranged probe and one full download per file; the metadata once.
     for f in published.files:
         name = f"good/{f.path.name}"
@@ -262,3 +318,136 @@ def test_a_file_not_uploaded_is_caught(
     assert code == 1
     assert "problem: RAMDISK: HTTP 404 Not Found (is the file uploaded under this name?)" in out
     assert out.count("problem:") == 1
+
+
+def test_the_table_shows_each_files_size_and_the_servers_etag(
+    capsys: pytest.CaptureFixture[str], origin: Origin, image_factory: ImageFactory, tmp_path: Path
+) -> None:
+    files = _named(
+        tmp_path,
+        {
+            "centos7.img": image_factory.ext4(FS_MIB),
+            "vmlinuz": image_factory.blob(1 << 20, 7, "kernel"),
+            "initrd.img": image_factory.blob(1 << 19, 7, "ramdisk"),
+        },
+    )
+    published = publish_to(
+        origin,
+        tmp_path / "img",
+        files["centos7.img"],
+        kernel=files["vmlinuz"],
+        ramdisk=files["initrd.img"],
+    )
+
+    code, out, _ = run(capsys, "check", published.metadata_url, published.metadata_sha1)
+
+    assert code == 0, out
+    etags = {f.type: _etag(f.url) for f in published.files}
+    assert None not in etags.values()
+    assert [(r["type"], r["size"], r["etag"]) for r in _table(out)] == [
+        ("FILESYSTEM", "8.0 MiB", etags["FILESYSTEM"]),
+        ("KERNEL", "1.0 MiB", etags["KERNEL"]),
+        ("RAMDISK", "512.0 KiB", etags["RAMDISK"]),
+    ]
+
+
+def test_a_server_without_etags_gets_a_note_and_the_image_still_passes(
+    capsys: pytest.CaptureFixture[str], image_factory: ImageFactory, tmp_path: Path
+) -> None:
+    with start_origin(tmp_path / "noetag", extra_http="etag off;") as origin:
+        published = publish_to(origin, tmp_path / "img", image_factory.ext4(FS_MIB))
+        assert _etag(published.files[0].url) is None
+
+        code, out, _ = run(capsys, "check", published.metadata_url, published.metadata_sha1)
+
+    assert code == 0, out
+    assert [(r["type"], r["etag"]) for r in _table(out)] == [("FILESYSTEM", "-")]
+    assert (
+        "  note: FILESYSTEM: no ETag: a site cannot tell if the file changes while it reads it"
+        in out.splitlines()
+    )
+    assert "verdict: OK - every site would register it (1 file(s) downloaded and verified)" in out
+
+
+def test_progress_shows_on_a_terminal_and_stdout_is_what_a_pipe_gets(
+    origin: Origin, image_factory: ImageFactory, tmp_path: Path
+) -> None:
+    files = _named(
+        tmp_path,
+        {
+            "centos7.img": image_factory.ext4(FS_MIB),
+            "vmlinuz": image_factory.blob(1 << 20, 7, "kernel"),
+            "initrd.img": image_factory.blob(1 << 19, 7, "ramdisk"),
+        },
+    )
+    published = publish_to(
+        origin,
+        tmp_path / "img",
+        files["centos7.img"],
+        kernel=files["vmlinuz"],
+        ramdisk=files["initrd.img"],
+    )
+    argv = ["check", published.metadata_url, published.metadata_sha1]
+
+    piped = run_script(*argv)
+    shown = run_on_terminal(*argv, stdout=tmp_path / "stdout.txt")
+
+    assert (piped.returncode, piped.stderr) == (0, ""), piped.stdout  # no bar without a terminal
+    # The same bytes on stdout either way: the bars went to the terminal only.
+    assert (tmp_path / "stdout.txt").read_text() == piped.stdout
+    assert "verdict:" not in shown
+    # Each download's bar, drawn one last time complete (rich's decimal units) before it goes.
+    for label, total in [
+        ("FILESYSTEM centos7.img", "8.4/8.4 MB"),
+        ("KERNEL vmlinuz", "1.0/1.0 MB"),
+        ("RAMDISK initrd.img", "524.3/524.3 kB"),
+    ]:
+        assert any(line.startswith(label + " ") and total in line for line in shown.splitlines()), (
+            shown
+        )
+
+
+def test_check_writes_no_file_it_could_cache(
+    origin: Origin, image_factory: ImageFactory, tmp_path: Path
+) -> None:
+    # A ZFILESYSTEM: decompressing it is where a temporary file would be most tempting.
+    image = image_factory.sparse_tar_gz(FS_MIB)
+    published = publish_to(origin, tmp_path / "img", image, **_kernel_ramdisk(image_factory))
+    places = ["HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME", "XDG_DATA_HOME", "TMPDIR"]
+    places += ["IMAGEPROXY_HOME", "cwd"]
+    dirs = {place: tmp_path / "empty" / place for place in places}
+    for d in dirs.values():
+        d.mkdir(parents=True)
+    env = {**os.environ, **{place: str(d) for place, d in dirs.items() if place != "cwd"}}
+
+    done = run_script(
+        "check", published.metadata_url, published.metadata_sha1, cwd=dirs["cwd"], env=env
+    )
+
+    assert (done.returncode, done.stderr) == (0, ""), done.stdout
+    assert "(3 file(s) downloaded and verified)" in done.stdout
+    assert {place: list(d.iterdir()) for place, d in dirs.items()} == {p: [] for p in places}
+
+
+# `truncate -s 1G f; sha1sum f`: a sparse file reads as zeros.
+GIB_OF_ZEROS_SHA1 = "2a492f15396a6768bcbca016993f4b4c8b0b5307"
+
+
+@pytest.mark.slow
+def test_a_large_file_is_downloaded_as_a_stream_not_held_whole(
+    origin: Origin, tmp_path: Path
+) -> None:
+    image = tmp_path / "big.img"
+    image.touch()
+    os.truncate(image, 1 << 30)  # sparse: no disk space, and nginx sends it fast
+    url = origin.put("big.img", image)
+    meta_url, meta_sha1 = _put_metadata(origin, "m.xml", [("FILESYSTEM", GIB_OF_ZEROS_SHA1, url)])
+    origin.reset_counts()
+
+    done = run_measured("check", meta_url, meta_sha1, workdir=tmp_path)
+
+    assert (done.code, done.stderr) == (0, ""), done.stdout
+    assert [(r["size"], r["sha1"]) for r in _table(done.stdout)] == [("1.0 GiB", "ok")]
+    assert origin.bytes_sent("big.img") == 1 + (1 << 30)  # the probe's byte, then all of it
+    # The interpreter and its imports take about 60 MiB; holding the body would take 1 GiB more.
+    assert done.peak_rss < 200 << 20, f"peak RSS {done.peak_rss >> 20} MiB"

@@ -20,7 +20,14 @@ from registrar.publish import COMPUTE_NS, RDF_NS, TOPOLOGY_NS
 from tests.registrar import e2e_stack
 from tests.registrar.e2e_bundles import unbundle
 from tests.registrar.e2e_stack import Stack
-from tests.registrar.owner_support import publish_to, qcow2_image, run
+from tests.registrar.owner_support import (
+    publish_to,
+    qcow2_image,
+    run,
+    run_measured,
+    run_on_terminal,
+    run_script,
+)
 from tests.registrar.soap_javaprops import loads
 from tests.support.images import ImageFactory, make_sparse_file, sha1_file
 from tests.support.origin import Origin
@@ -88,6 +95,81 @@ def test_each_image_is_typed_by_its_content_and_hashed(
     assert _stdout_value(out, "metadata SHA-1:") == sha1_file(xml)
     assert f"once uploaded: registrar check {BASE}/centos7.xml {sha1_file(xml)}" in out
     assert oct(xml.stat().st_mode & 0o777) == "0o644"
+
+
+def test_progress_shows_on_a_terminal_and_stdout_is_what_a_pipe_gets(
+    image_factory: ImageFactory, tmp_path: Path
+) -> None:
+    files = {
+        "centos7.img": image_factory.ext4(FS_MIB),
+        "vmlinuz": image_factory.blob(1 << 20, 1, "kernel"),
+        "initrd.img": image_factory.blob(1 << 19, 1, "ramdisk"),
+    }
+    for name, source in files.items():
+        os.link(source, tmp_path / name)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    argv = ["publish", "--base-url", BASE, "--out", str(out_dir)]
+    argv += ["--kernel", str(tmp_path / "vmlinuz"), "--ramdisk", str(tmp_path / "initrd.img")]
+    argv += [str(tmp_path / "centos7.img")]
+
+    piped = run_script(*argv)
+    shown = run_on_terminal(*argv, stdout=tmp_path / "stdout.txt")
+
+    assert (piped.returncode, piped.stderr) == (0, ""), piped.stdout  # no bar without a terminal
+    # The same bytes on stdout either way: the bars went to the terminal only.
+    assert (tmp_path / "stdout.txt").read_text() == piped.stdout
+    assert "metadata SHA-1:" not in shown
+    # Each file's bar, drawn one last time complete (rich's decimal units) before it vanishes.
+    for label, total in [
+        ("hashing centos7.img", "8.4/8.4 MB"),
+        ("hashing vmlinuz", "1.0/1.0 MB"),
+        ("hashing initrd.img", "524.3/524.3 kB"),
+    ]:
+        assert any(line.startswith(label + " ") and total in line for line in shown.splitlines()), (
+            shown
+        )
+
+
+def test_tar_on_a_terminal_shows_its_progress_and_prints_what_it_made_on_stdout(
+    image_factory: ImageFactory, tmp_path: Path
+) -> None:
+    raw = tmp_path / "disk.img"
+    os.link(image_factory.ext4(FS_MIB), raw)
+    argv = ["publish", "--base-url", BASE, "--out", str(tmp_path), "--tar", str(raw)]
+
+    shown = run_on_terminal(*argv, "--name", "centos7", stdout=tmp_path / "stdout.txt")
+
+    out = (tmp_path / "stdout.txt").read_text()
+    assert out.splitlines()[0] == (
+        f"made {tmp_path / 'centos7.tgz'} (gzip tar, one sparse member `filesystem`)"
+    )
+    assert f"metadata SHA-1: {sha1_file(tmp_path / 'centos7.xml')}" in out.splitlines()
+    assert "made " not in shown
+    assert any(line.startswith("tar disk.img ") for line in shown.splitlines()), shown
+    assert any(line.startswith("hashing centos7.tgz ") for line in shown.splitlines()), shown
+
+
+# `truncate -s 1G f; sha1sum f`: a sparse file reads as zeros.
+GIB_OF_ZEROS_SHA1 = "2a492f15396a6768bcbca016993f4b4c8b0b5307"
+
+
+@pytest.mark.slow
+def test_a_large_image_is_hashed_as_a_stream_not_read_whole(tmp_path: Path) -> None:
+    image = tmp_path / "big.img"
+    image.touch()
+    os.truncate(image, 1 << 30)  # sparse: no disk space, and it reads fast
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+
+    done = run_measured(
+        "publish", "--base-url", BASE, "--out", str(out_dir), str(image), workdir=tmp_path
+    )
+
+    assert (done.code, done.stderr) == (0, ""), done.stdout
+    assert _entries(out_dir / "big.xml") == [("FILESYSTEM", GIB_OF_ZEROS_SHA1, f"{BASE}/big.img")]
+    # The interpreter and its imports take about 50 MiB; a whole read would take 1 GiB more.
+    assert done.peak_rss < 200 << 20, f"peak RSS {done.peak_rss >> 20} MiB"
 
 
 def test_the_ndl_owl_lines_parse_as_the_image_of_an_orca_request(
