@@ -9,17 +9,17 @@
 - ``run_on_terminal(*argv, stdout: Path) -> str`` -- the console script under script(1), which
   gives it a terminal on stderr; stdout goes to the file ``stdout``. Returns what the terminal
   showed, ANSI control sequences removed, one line per redraw (``\r`` and ``\n`` both end one).
-- ``run_measured(*argv, workdir) -> Measured`` -- the console script as one child process whose
-  peak resident memory is read from its own rusage.
+- ``run_measured(*argv, workdir) -> Measured`` -- the console script, with its own peak resident
+  memory (read from its rusage by a small process in between, see `_MEASURE`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -97,20 +97,34 @@ class Measured:
     peak_rss: int  # bytes
 
 
+# A child's peak RSS counts the memory of the process it was forked from, up to its exec (the
+# kernel carries the old address space's high-water mark into the child's rusage). Forked from
+# this test process, which can hold hundreds of MiB by then, the figure would say nothing about
+# the command: a small Python process in between forks it and reports its rusage instead.
+_MEASURE = """
+import os, sys
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as out:
+    out.write(str(usage.ru_maxrss * 1024))  # KiB on Linux
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_measured(*argv: str, workdir: Path) -> Measured:
     out_path, err_path = workdir / "stdout.txt", workdir / "stderr.txt"
+    rss_path = workdir / "peak-rss.txt"
     # Files, not pipes: nobody has to read them while the command runs.
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        proc = subprocess.Popen(
-            [*REGISTRAR, *argv], stdout=out, stderr=err, stdin=subprocess.DEVNULL
+        done = subprocess.run(
+            [sys.executable, "-c", _MEASURE, str(rss_path), *REGISTRAR, *argv],
+            stdout=out,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
         )
-    # wait4 gives this one child's rusage; RUSAGE_CHILDREN would be the largest of every child
-    # this test process ever waited for (nginx, mkfs, another test's registrar).
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait
     return Measured(
-        proc.returncode,
+        done.returncode,
         out_path.read_text(),
         err_path.read_text(),
-        usage.ru_maxrss * 1024,  # KiB on Linux
+        int(rss_path.read_text()),
     )
