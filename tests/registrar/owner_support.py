@@ -9,6 +9,10 @@
 - ``run_on_terminal(*argv, stdout: Path) -> str`` -- the console script under script(1), which
   gives it a terminal on stderr; stdout goes to the file ``stdout``. Returns what the terminal
   showed, ANSI control sequences removed, one line per redraw (``\r`` and ``\n`` both end one).
+- ``bars_on_a_terminal(*argv, workdir) -> (stdout, shown)`` -- the command through pipes and on a
+  terminal: asserts both succeed, no bar goes to a pipe, and stdout is the same bytes either way;
+  returns stdout and what the terminal showed.
+- ``undrawn(shown, bars) -> list`` -- the bars ``{label: total}`` never drawn complete in ``shown``.
 - ``run_measured(*argv, workdir) -> Measured`` -- the console script, with its own peak resident
   memory (read from its rusage by a small process in between, see `_MEASURE`).
 """
@@ -87,6 +91,25 @@ def run_on_terminal(*argv: str, stdout: Path) -> str:
     return "\n".join(
         line for line in re.split(r"[\r\n]+", _ANSI.sub("", done.stdout)) if line.strip()
     )
+
+
+def bars_on_a_terminal(*argv: str, workdir: Path) -> tuple[str, str]:
+    piped = run_script(*argv)
+    shown = run_on_terminal(*argv, stdout=workdir / "terminal-stdout.txt")
+    assert (piped.returncode, piped.stderr) == (0, ""), piped.stdout  # no bar without a terminal
+    # The same bytes on stdout either way: the bars went to the terminal only.
+    assert (workdir / "terminal-stdout.txt").read_text() == piped.stdout
+    return piped.stdout, shown
+
+
+def undrawn(shown: str, bars: dict[str, str]) -> list[str]:
+    """Each bar is drawn one last time complete (rich's decimal units) before it goes."""
+    lines = shown.splitlines()
+    return [
+        label
+        for label, total in bars.items()
+        if not any(line.startswith(label + " ") and total in line for line in lines)
+    ]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,13 +17,15 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from registrar.publish import Published
 from tests.registrar.owner_support import (
+    bars_on_a_terminal,
     publish_to,
     qcow2_image,
     run,
     run_measured,
-    run_on_terminal,
     run_script,
+    undrawn,
 )
 from tests.support.images import ImageFactory, metadata_xml
 from tests.support.nginxproc import free_port
@@ -47,6 +49,25 @@ def _named(tmp_path: Path, files: dict[str, Path]) -> dict[str, Path]:
         named[name] = tmp_path / "files" / name
         os.link(source, named[name])
     return named
+
+
+def _owners_set(origin: Origin, image_factory: ImageFactory, tmp_path: Path) -> Published:
+    """An image, kernel and ramdisk under the names an owner gives them, published."""
+    files = _named(
+        tmp_path,
+        {
+            "centos7.img": image_factory.ext4(FS_MIB),
+            "vmlinuz": image_factory.blob(1 << 20, 7, "kernel"),
+            "initrd.img": image_factory.blob(1 << 19, 7, "ramdisk"),
+        },
+    )
+    return publish_to(
+        origin,
+        tmp_path / "img",
+        files["centos7.img"],
+        kernel=files["vmlinuz"],
+        ramdisk=files["initrd.img"],
+    )
 
 
 def _table(out: str) -> list[dict[str, str]]:
@@ -323,21 +344,7 @@ def test_a_file_not_uploaded_is_caught(
 def test_the_table_shows_each_files_size_and_the_servers_etag(
     capsys: pytest.CaptureFixture[str], origin: Origin, image_factory: ImageFactory, tmp_path: Path
 ) -> None:
-    files = _named(
-        tmp_path,
-        {
-            "centos7.img": image_factory.ext4(FS_MIB),
-            "vmlinuz": image_factory.blob(1 << 20, 7, "kernel"),
-            "initrd.img": image_factory.blob(1 << 19, 7, "ramdisk"),
-        },
-    )
-    published = publish_to(
-        origin,
-        tmp_path / "img",
-        files["centos7.img"],
-        kernel=files["vmlinuz"],
-        ramdisk=files["initrd.img"],
-    )
+    published = _owners_set(origin, image_factory, tmp_path)
 
     code, out, _ = run(capsys, "check", published.metadata_url, published.metadata_sha1)
 
@@ -372,39 +379,18 @@ def test_a_server_without_etags_gets_a_note_and_the_image_still_passes(
 def test_progress_shows_on_a_terminal_and_stdout_is_what_a_pipe_gets(
     origin: Origin, image_factory: ImageFactory, tmp_path: Path
 ) -> None:
-    files = _named(
-        tmp_path,
-        {
-            "centos7.img": image_factory.ext4(FS_MIB),
-            "vmlinuz": image_factory.blob(1 << 20, 7, "kernel"),
-            "initrd.img": image_factory.blob(1 << 19, 7, "ramdisk"),
-        },
-    )
-    published = publish_to(
-        origin,
-        tmp_path / "img",
-        files["centos7.img"],
-        kernel=files["vmlinuz"],
-        ramdisk=files["initrd.img"],
-    )
+    published = _owners_set(origin, image_factory, tmp_path)
     argv = ["check", published.metadata_url, published.metadata_sha1]
 
-    piped = run_script(*argv)
-    shown = run_on_terminal(*argv, stdout=tmp_path / "stdout.txt")
+    _, shown = bars_on_a_terminal(*argv, workdir=tmp_path)
 
-    assert (piped.returncode, piped.stderr) == (0, ""), piped.stdout  # no bar without a terminal
-    # The same bytes on stdout either way: the bars went to the terminal only.
-    assert (tmp_path / "stdout.txt").read_text() == piped.stdout
     assert "verdict:" not in shown
-    # Each download's bar, drawn one last time complete (rich's decimal units) before it goes.
-    for label, total in [
-        ("FILESYSTEM centos7.img", "8.4/8.4 MB"),
-        ("KERNEL vmlinuz", "1.0/1.0 MB"),
-        ("RAMDISK initrd.img", "524.3/524.3 kB"),
-    ]:
-        assert any(line.startswith(label + " ") and total in line for line in shown.splitlines()), (
-            shown
-        )
+    bars = {
+        "FILESYSTEM centos7.img": "8.4/8.4 MB",
+        "KERNEL vmlinuz": "1.0/1.0 MB",
+        "RAMDISK initrd.img": "524.3/524.3 kB",
+    }
+    assert undrawn(shown, bars) == [], shown
 
 
 def test_check_writes_no_file_it_could_cache(
