@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from imgstore import client
+from imgstore.budget import METADATA_SLACK, round_up
 from imgstore.config import StoreConfig
 from imgstore.errors import CacheFull
 from imgstore.store import open_store
@@ -84,7 +85,7 @@ async def test_a_write_that_meets_enospc_evicts_once_and_is_not_counted_twice(sm
         assert await read_all(store, sha1) == data
     st = os.statvfs(small_disk)
     avail = st.f_bavail * st.f_frsize
-    held = MiB + 2 * 4096  # what `reserve` holds for a 1 MiB chunk
+    held = round_up(MiB) + METADATA_SLACK  # what `reserve` holds for a 1 MiB chunk
     slack = 128 * 1024  # the catalog may grow a few pages meanwhile
     # The write fits beside the cached blob, but only just: `reserve` evicts nothing.
     tight = StoreConfig(cache_dir=small_disk, chunk_size=MiB, min_free=avail - held - slack)

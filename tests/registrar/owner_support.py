@@ -4,14 +4,9 @@
   with URLs under ``origin``'s ``/<out_dir name>/``, then every file and the metadata put there.
 - ``run(capsys, *argv) -> (exit code, stdout, stderr)`` -- ``registrar`` in this process.
 - ``qcow2_image(path, size="64M") -> Path`` -- a real qcow2 from ``qemu-img create -f qcow2``.
-- ``run_script(*argv, cwd=None, env=None) -> CompletedProcess`` -- the installed ``registrar``
-  console script, stdout and stderr on pipes (so neither is a terminal).
-- ``run_on_terminal(*argv, stdout: Path) -> str`` -- the console script under script(1), which
-  gives it a terminal on stderr; stdout goes to the file ``stdout``. Returns what the terminal
-  showed, ANSI control sequences removed, one line per redraw (``\r`` and ``\n`` both end one).
-- ``bars_on_a_terminal(*argv, workdir) -> (stdout, shown)`` -- the command through pipes and on a
+- ``bars_on_a_terminal(*argv, workdir) -> shown`` -- the command through pipes and on a
   terminal: asserts both succeed, no bar goes to a pipe, and stdout is the same bytes either way;
-  returns stdout and what the terminal showed.
+  returns what the terminal showed.
 - ``undrawn(shown, bars) -> list`` -- the bars ``{label: total}`` never drawn complete in ``shown``.
 - ``run_measured(*argv, workdir) -> Measured`` -- the console script, with its own peak resident
   memory (read from its rusage by a small process in between, see `_MEASURE`).
@@ -20,8 +15,6 @@
 from __future__ import annotations
 
 import dataclasses
-import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -30,10 +23,8 @@ from typing import Any
 from registrar.cli import main
 from registrar.publish import Published, publish
 from tests.registrar.e2e_stack import REGISTRAR
+from tests.registrar.script_runs import run_on_terminal, run_script
 from tests.support.origin import Origin
-
-TIMEOUT = 170  # below pytest's per-test timeout, so a hung command fails with its output
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def publish_to(origin: Origin, out_dir: Path, image: Path | None, **files: Any) -> Published:
@@ -62,44 +53,13 @@ def qcow2_image(path: Path, size: str = "64M") -> Path:
     return path
 
 
-def run_script(
-    *argv: str, cwd: Path | None = None, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*REGISTRAR, *argv],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        stdin=subprocess.DEVNULL,
-        cwd=cwd,
-        env=env,
-    )
-
-
-def run_on_terminal(*argv: str, stdout: Path) -> str:
-    command = " ".join(shlex.quote(a) for a in [*REGISTRAR, *argv])
-    # script(1) runs the command on a new pseudo-terminal and copies what it shows to its own
-    # stdout; the redirection inside the command keeps the command's stdout off it.
-    done = subprocess.run(
-        ["script", "-qec", f"{command} > {shlex.quote(str(stdout))}", "/dev/null"],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        stdin=subprocess.DEVNULL,
-    )
-    assert done.returncode == 0, done.stdout
-    return "\n".join(
-        line for line in re.split(r"[\r\n]+", _ANSI.sub("", done.stdout)) if line.strip()
-    )
-
-
-def bars_on_a_terminal(*argv: str, workdir: Path) -> tuple[str, str]:
+def bars_on_a_terminal(*argv: str, workdir: Path) -> str:
     piped = run_script(*argv)
     shown = run_on_terminal(*argv, stdout=workdir / "terminal-stdout.txt")
     assert (piped.returncode, piped.stderr) == (0, ""), piped.stdout  # no bar without a terminal
     # The same bytes on stdout either way: the bars went to the terminal only.
     assert (workdir / "terminal-stdout.txt").read_text() == piped.stdout
-    return piped.stdout, shown
+    return shown
 
 
 def undrawn(shown: str, bars: dict[str, str]) -> list[str]:

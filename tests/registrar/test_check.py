@@ -24,9 +24,9 @@ from tests.registrar.owner_support import (
     qcow2_image,
     run,
     run_measured,
-    run_script,
     undrawn,
 )
+from tests.registrar.script_runs import run_script
 from tests.support.images import ImageFactory, metadata_xml
 from tests.support.nginxproc import free_port
 from tests.support.origin import Origin, start_origin
@@ -382,7 +382,7 @@ def test_progress_shows_on_a_terminal_and_stdout_is_what_a_pipe_gets(
     published = _owners_set(origin, image_factory, tmp_path)
     argv = ["check", published.metadata_url, published.metadata_sha1]
 
-    _, shown = bars_on_a_terminal(*argv, workdir=tmp_path)
+    shown = bars_on_a_terminal(*argv, workdir=tmp_path)
 
     assert "verdict:" not in shown
     bars = {

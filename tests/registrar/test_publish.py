@@ -26,9 +26,9 @@ from tests.registrar.owner_support import (
     qcow2_image,
     run,
     run_measured,
-    run_on_terminal,
     undrawn,
 )
+from tests.registrar.script_runs import run_on_terminal
 from tests.registrar.soap_javaprops import loads
 from tests.support.images import ImageFactory, make_sparse_file, sha1_file
 from tests.support.origin import Origin
@@ -114,7 +114,7 @@ def test_progress_shows_on_a_terminal_and_stdout_is_what_a_pipe_gets(
     argv += ["--kernel", str(tmp_path / "vmlinuz"), "--ramdisk", str(tmp_path / "initrd.img")]
     argv += [str(tmp_path / "centos7.img")]
 
-    _, shown = bars_on_a_terminal(*argv, workdir=tmp_path)
+    shown = bars_on_a_terminal(*argv, workdir=tmp_path)
 
     assert "metadata SHA-1:" not in shown
     bars = {

@@ -5,7 +5,6 @@ of registrar/service_cli.py)."""
 from __future__ import annotations
 
 import hashlib
-import shlex
 import signal
 import socket
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from tests.registrar import e2e_stack
 from tests.registrar.e2e_stack import REGISTRAR, Stack
+from tests.registrar.script_runs import run_on_terminal, run_script
 from tests.registrar.soap_javaprops import loads
 from tests.support.images import ImageFactory
 from tests.support.origin import Origin
@@ -25,13 +25,7 @@ stack, stack_factory = e2e_stack.stack, e2e_stack.stack_factory  # fixtures
 
 def _run(*args: str, config: Path | None = None) -> subprocess.CompletedProcess[str]:
     extra = ["--config", str(config)] if config else []
-    return subprocess.run(
-        [*REGISTRAR, args[0], *extra, *args[1:]],
-        capture_output=True,
-        text=True,
-        timeout=170,
-        stdin=subprocess.DEVNULL,
-    )
+    return run_script(args[0], *extra, *args[1:])
 
 
 def test_register_prints_the_same_answer_and_list_shows_it(
@@ -116,27 +110,15 @@ def test_register_shows_progress_on_a_terminal_and_keeps_stdout_clean(
 ) -> None:
     images = image_factory.publish(origin, size_mib=16, fs_format="raw")
     out = tmp_path / "answer.txt"
-    command = " ".join(
-        shlex.quote(a)
-        for a in [
-            *REGISTRAR,
-            "register",
-            "--config",
-            str(stack.config),
-            images.metadata_url,
-            images.metadata_sha1,
-        ]
+    shown = run_on_terminal(
+        "register",
+        "--config",
+        str(stack.config),
+        images.metadata_url,
+        images.metadata_sha1,
+        stdout=out,
     )
-    # script(1) gives the command a terminal on stderr; stdout goes to a file.
-    done = subprocess.run(
-        ["script", "-qec", f"{command} > {shlex.quote(str(out))}", "/dev/null"],
-        capture_output=True,
-        text=True,
-        timeout=170,
-        stdin=subprocess.DEVNULL,
-    )
-    assert done.returncode == 0, done.stdout
-    assert "bundling FILESYSTEM" in done.stdout  # the terminal saw the progress bars
+    assert "bundling FILESYSTEM" in shown  # the terminal saw the progress bars
     answer = loads(out.read_text())
     assert sorted(stack.cloud.image_ids()) == sorted(answer.values())
     assert out.read_text().count("\n") == 3
