@@ -232,7 +232,8 @@ class Site:
         self.metadata_sha1 = ""
         self.cloud_cert = self.user_cert = self.user_key = Path()
         fs = next(i for i in images if i.type == "FILESYSTEM").path
-        self.raw_fs_size = fs.with_suffix("").stat().st_size  # the image before gzip
+        self.raw_fs = fs.with_suffix("")  # the image before gzip
+        self.raw_fs_size = self.raw_fs.stat().st_size
 
     def __enter__(self) -> Site:
         try:
@@ -303,9 +304,14 @@ class Site:
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3\n")
         for image in self.images:
-            with open(image.path, "rb") as f:
-                while f.read(8 << 20):
-                    pass
+            self.warm(image.path)
+
+    @staticmethod
+    def warm(path: Path) -> None:
+        """Read `path` into the page cache."""
+        with open(path, "rb") as f:
+            while f.read(8 << 20):
+                pass
 
     def run_registrar(self, run_dir: Path, cloud: str, bucket: str) -> Registrar:
         """A mount on a fresh cache and `registrar serve` for `cloud`; waits until it answers."""
