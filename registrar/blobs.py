@@ -118,8 +118,9 @@ class Blobs:
     def _state(self, sha1: str, blob: imgstore.BlobInfo | None) -> str:
         """The blob's state as the mount sees it now (its xattr), else as the catalog has it.
 
-        The mount fails a read the moment its verification fails, a little before the catalog
-        records the verdict; its `user.imgstore.state` xattr is never behind.
+        The mount records a failed verdict in the catalog before any read fails with it
+        (`imgstore.hashing.Hashing.corrupt`), so either answers `corrupt` once a read got EIO
+        for it; the xattr is the mount's own view, and the catalog the fallback without one.
         """
         try:
             path = self.settings.mountpoint / "by-sha1" / sha1
