@@ -107,6 +107,10 @@ class OpenStack:
                 properties["kernel_id"] = request.kernel_id
             if request.ramdisk_id:
                 properties["ramdisk_id"] = request.ramdisk_id
+        # Authenticate (and learn Glance's hash) before `on_start`, as the Eucalyptus backend
+        # checks its bucket first: refused credentials or an unreachable Glance made nothing,
+        # so there is nothing to undo, and no "cleanup failed too" on top of the real error.
+        self.glance.hash_algo("image create")
         # The slot bounds decompression and hashing; Glance's own wait for `active` is short.
         with slot, open_source() as (source, _size):
             stream = _VerifiedStream(source, request, progress)

@@ -81,8 +81,14 @@ class Stack:
     mount: Mounted
     registrars: list[Registrar] = dataclasses.field(default_factory=list)
 
-    def start(self, deadline: float = 60.0, env: dict[str, str] | None = None) -> Registrar:
-        """Start `registrar serve` (`env` added to ours) and wait until it answers /healthz."""
+    def start(
+        self,
+        deadline: float = 60.0,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> Registrar:
+        """Start `registrar serve` (`env` added to ours; in `cwd`, default ours) and wait until
+        it answers /healthz."""
         log_path = self.root / f"registrar-{len(self.registrars)}.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
@@ -92,6 +98,7 @@ class Stack:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
                 env={**os.environ, **(env or {})},
+                cwd=cwd,
             )
         registrar = Registrar(proc, "", log_path)
         self.registrars.append(registrar)

@@ -16,7 +16,8 @@ Plain functions (each returns the path it wrote)
 - ``make_sparse_tar_gz(src_sparse, dst) -> Path`` -- a gzipped GNU tar with one member,
   ``filesystem``, holding ``src_sparse`` stored sparse (``tar --sparse``); what a ZFILESYSTEM
   image is.
-- ``make_blob(path, size, seed, kind="raw") -> Path`` -- deterministic pseudo-random bytes.
+- ``make_blob(path, size, seed, kind="raw") -> Path`` -- deterministic pseudo-random bytes, of
+  any size (written in pieces, so a large one never sits in memory whole).
   ``kind="kernel"`` puts the x86 boot signature and ``HdrS`` magic where a bzImage has them;
   ``kind="ramdisk"`` starts with the gzip magic. The bytes stay incompressible, like the real
   (already compressed) things.
@@ -192,16 +193,27 @@ def make_sparse_tar_gz(src_sparse: Path, dst: Path) -> Path:
     return dst
 
 
+# `randbytes(n)` makes one integer of 8n bits, which must fit a C int: a larger blob is made
+# in pieces, streamed to the file (every blob that fits in one piece has the same bytes as ever).
+_MAX_RANDBYTES = (1 << 28) - 1
+_BLOB_PIECE = 64 << 20
+
+
 def make_blob(path: Path, size: int, seed: int, kind: str = "raw") -> Path:
-    data = bytearray(random.Random(f"blob-{seed}-{size}").randbytes(size))
-    if kind == "kernel" and size >= 0x206:
-        data[0x1FE:0x200] = b"\x55\xaa"
-        data[0x202:0x206] = b"HdrS"
-    elif kind == "ramdisk" and size >= 3:
-        data[0:3] = b"\x1f\x8b\x08"
-    elif kind not in ("raw", "kernel", "ramdisk"):
+    if kind not in ("raw", "kernel", "ramdisk"):
         raise ValueError(f"unknown blob kind {kind!r}")
-    path.write_bytes(data)
+    rng = random.Random(f"blob-{seed}-{size}")
+    with open(path, "wb") as out:
+        left, first = size, True
+        while first or left:
+            data = bytearray(rng.randbytes(left if left <= _MAX_RANDBYTES else _BLOB_PIECE))
+            if first and kind == "kernel" and size >= 0x206:
+                data[0x1FE:0x200] = b"\x55\xaa"
+                data[0x202:0x206] = b"HdrS"
+            elif first and kind == "ramdisk" and size >= 3:
+                data[0:3] = b"\x1f\x8b\x08"
+            out.write(data)
+            left, first = left - len(data), False
     return path
 
 

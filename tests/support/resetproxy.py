@@ -27,6 +27,12 @@ Plain helper: ``start_reset_proxy(upstream_port, after=N, first=K, how="reset") 
 - ``cuts() -> int`` -- connections cut by the rule.
 - ``upstream_bytes() -> int`` -- response bytes received from the upstream (all connections,
   since start): what the origin sent through us. ``client_bytes()``: what the clients got.
+- ``request_bytes() -> int`` -- request bytes passed on to the upstream (all connections, since
+  start; headers included): what the clients sent, say an upload, as far as the upstream has it.
+- ``on_request: Callable[[int], None] | None`` -- if set, called with ``request_bytes()`` after
+  each piece of a request has been passed on, on that connection's thread and before it
+  passes anything more: a test can look at the world while the upstream has had exactly that
+  many bytes (and the client waits).
 - ``wait_idle(timeout=10)`` -- wait until no connection is open (nothing in flight).
 - ``close()`` -- stop accepting and shut every open connection.
 
@@ -41,6 +47,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import Literal, Self
 
 _PIECE = 256 * 1024
@@ -58,6 +65,8 @@ class ResetProxy:
         self._open: set[socket.socket] = set()
         self._up_bytes = 0
         self._client_bytes = 0
+        self._request_bytes = 0
+        self.on_request: Callable[[int], None] | None = None
         self._closed = False
         self.program(after, first, how)
         self._thread = threading.Thread(target=self._accept_loop, daemon=True)
@@ -93,6 +102,10 @@ class ResetProxy:
     def client_bytes(self) -> int:
         with self._lock:
             return self._client_bytes
+
+    def request_bytes(self) -> int:
+        with self._lock:
+            return self._request_bytes
 
     def wait_idle(self, timeout: float = 10) -> None:
         deadline = time.monotonic() + timeout
@@ -153,6 +166,7 @@ class ResetProxy:
                     data = client.recv(_PIECE)
                     if data:
                         upstream.sendall(data)
+                        self._passed_request(len(data))
                     else:
                         ends[client] = True
                         upstream.shutdown(socket.SHUT_WR)
@@ -186,6 +200,14 @@ class ResetProxy:
             self._forget(client, upstream)
             _shut(upstream)
             _shut(client)
+
+    def _passed_request(self, n: int) -> None:
+        with self._lock:
+            self._request_bytes += n
+            total = self._request_bytes
+        watcher = self.on_request
+        if watcher is not None:
+            watcher(total)  # outside the lock: it may ask this proxy for its counts
 
     def _forget(self, *socks: socket.socket) -> None:
         with self._lock:
