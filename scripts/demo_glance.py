@@ -1,6 +1,6 @@
 """The Glance half of `scripts/demo openstack`: a throw-away Glance, and a look at its images.
 
-Glance 33 (from `.venv-glance`, made by `scripts/demo openstack` through `ensure_server_venvs`)
+Glance 33 (from `.venv-glance`, made by `scripts/demo openstack` through `ensure_server_venv`)
 runs without Keystone under gunicorn, on sqlite and the file store, in one directory. What this
 module knows about starting it, learnt the hard way (the tests' `tests/support/openstack.py`
 relies on the same facts):

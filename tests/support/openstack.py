@@ -1,7 +1,7 @@
 """Real OpenStack servers for the tests: Glance and Keystone from PyPI, under gunicorn, on sqlite.
 
 Each runs from its own virtualenv (`.venv-glance`, `.venv-keystone`, made by `scripts/test`
-through `ensure_server_venvs`), so their pins never fight the project's.
+through `ensure_all_venvs`), so their pins never fight the project's.
 
 Fixtures (session-scoped; each server starts once, on free loopback ports):
 
