@@ -150,13 +150,14 @@ def measure(source: BinaryIO, fmt: Format) -> int:
 def open_image(raw: BinaryIO, found: Probe) -> BinaryIO:
     """Return a stream of the image bytes inside `raw` (positioned at the file's start).
 
-    The stream raises DecompressError if the data is corrupt or ends before `found.size`.
+    The stream raises DecompressError if the data is corrupt or ends before `found.size`. A
+    plain compressed image probed without measuring (size None) runs to the end of its
+    compressed data, which the decompressor checks is complete.
     """
-    if found.size is None:
-        raise ValueError("probe has no size: call measure() first")
     stream = _decompressor(raw, found.format)
     if found.tar_member is None:
         return _ImageStream(stream, found.format, found.size, closers=[stream])
+    assert found.size is not None  # a tar header gives the member's size
     try:
         tar = tarfile.open(fileobj=stream, mode="r|", bufsize=1024 * 1024)
         member = next((m for m in tar if m.isfile() and m.name == found.tar_member), None)
@@ -297,7 +298,9 @@ class _Unclosable(io.RawIOBase):
 class _ImageStream(io.RawIOBase):
     """The raw image: translates decompression errors and checks the length promised."""
 
-    def __init__(self, inner: BinaryIO, fmt: Format, size: int, closers: list[object]) -> None:
+    def __init__(
+        self, inner: BinaryIO, fmt: Format, size: int | None, closers: list[object]
+    ) -> None:
         self._inner = inner
         self._fmt = fmt
         self._left = size
@@ -307,6 +310,8 @@ class _ImageStream(io.RawIOBase):
         return True
 
     def read(self, n: int = -1) -> bytes:  # type: ignore[override]
+        if self._left is None:  # no size announced: to the end of the compressed data
+            return _translate(self._inner.read, n, self._fmt)
         want = self._left if n < 0 else min(n, self._left)
         if want == 0:
             return b""

@@ -3,6 +3,7 @@
     flights = Flights()
     result = flights.run(key, work)     # one caller per key runs `work`; the others share it
     a, b = in_parallel(f, g)            # both run to the end; the first error is raised
+    a, b = one_then_other(f, g)         # the same, but g starts when f calls go() (or ends)
 
 Used by the service: one thread does the work for a metadata SHA-1 or a part key, and
 concurrent callers wait for it and share its result or its error.
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 
 class _Flight:
@@ -90,3 +92,22 @@ def in_parallel(*calls: Callable[[], T]) -> list[T]:
         if error is not None:
             raise error
     return results
+
+
+def one_then_other(first: Callable[[Callable[[], None]], T], other: Callable[[], U]) -> tuple[T, U]:
+    """Like `in_parallel(first, other)`, but `other` starts only once `first` calls the `go`
+    function it is given, or ends."""
+    started = threading.Event()
+
+    def run_first() -> T:
+        try:
+            return first(started.set)
+        finally:
+            started.set()
+
+    def run_other() -> U:
+        started.wait()
+        return other()
+
+    a, b = in_parallel(run_first, run_other)  # type: ignore[arg-type]
+    return a, b  # type: ignore[return-value]

@@ -42,6 +42,7 @@ class JobHooks:
     placed: Callable[[Placement], None] = _nothing
     registered: Callable[[str], None] = _nothing
     abandoned: Callable[[CloudError], None] = _nothing
+    sending: Callable[[], None] = _nothing  # the cloud has begun to take the bytes
 
 
 def register_part(
@@ -73,6 +74,7 @@ def register_part(
             on_id=on_id,
             slot=slot if slot is not None else contextlib.nullcontext(),
             progress=progress,
+            on_sending=hooks.sending,
         )
     except BaseException as exc:
         if started or image_ids:

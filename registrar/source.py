@@ -9,8 +9,9 @@
 The SHA-1 covers the file exactly as downloaded (for a ZFILESYSTEM, the compressed file), so
 `verify_source` drains what the image stream left unread (a gzip trailer, a tar's end blocks)
 before comparing. Callers (the bundler, the Glance upload) call it before they emit their last
-output, so a wrong file is never registered. A plain compressed image needs its raw size first:
-`probe_source` finds it by one decompressing pass, which checks the SHA-1 too.
+output, so a wrong file is never registered. A bundle needs a plain compressed image's raw size
+first: `probe_source` finds it by one decompressing pass, which checks the SHA-1 too. A Glance
+upload needs no size, so it skips that pass (`measure=False`).
 """
 
 from __future__ import annotations
@@ -26,14 +27,18 @@ from registrar.errors import BundleError, ImageChecksumMismatch
 Progress = Callable[[int], None]  # called with each count of source bytes read
 
 
-def probe_source(source: BinaryIO, decompress: bool, expected: str | None) -> zfs.Probe:
+def probe_source(
+    source: BinaryIO, decompress: bool, expected: str | None, *, measure: bool = True
+) -> zfs.Probe:
+    """The source's format and raw size. Without `measure`, a plain compressed image's size
+    stays None (no extra pass; `open_image` then streams to the end of its data)."""
     try:
         if not decompress:
             size = source.seek(0, os.SEEK_END)
             source.seek(0)
             return zfs.Probe(zfs.Format.RAW, size)
         found = zfs.probe(source)
-        if found.size is None:
+        if found.size is None and measure:
             # A plain compressed image: one pass to learn the raw size; it also checks the
             # SHA-1, so a wrong file costs no upload at all.
             hashed = HashingReader(source, None)

@@ -101,12 +101,15 @@ class Backend(Protocol):
         on_id: Callable[[str], None],
         slot: contextlib.AbstractContextManager[object],
         progress: Progress | None = None,
+        on_sending: Callable[[], None] | None = None,
     ) -> Registered:
         """Store and register the image, and wait until it is usable.
 
-        Calls `on_start` just before its first write to the cloud (nothing to undo before it)
-        and `on_id` as soon as the cloud has given the image an id. Holds `slot` while it
-        streams (the CPU- and memory-heavy part), not while it waits.
+        Calls `on_start` just before its first write to the cloud (nothing to undo before it),
+        `on_sending` once the cloud has begun to take the image's bytes (a cloud that takes
+        one upload at a time has taken this one), and `on_id` as soon as the cloud has given
+        the image an id. Holds `slot` while it streams (the CPU- and memory-heavy part), not
+        while it waits.
         """
         ...
 

@@ -119,6 +119,7 @@ class Eucalyptus:
         on_id: Callable[[str], None],
         slot: contextlib.AbstractContextManager[object],
         progress: Progress | None = None,
+        on_sending: Callable[[], None] | None = None,
     ) -> Registered:
         """Bundle, upload, register and wait; or, for a shared placement, add a manifest."""
         if placement.manifest is not None:
@@ -127,6 +128,8 @@ class Eucalyptus:
         name = names.validate(request.name) if request.name else placement.folder
         upload = self.cloud.start_upload(placement.folder)  # checks (or creates) the bucket
         on_start()
+        if on_sending is not None:  # S3 takes many uploads at once: nothing to wait for
+            on_sending()
         try:
             # The slot bounds the CPU and memory of bundling; waiting for "available" holds none.
             with slot, open_source() as (source, _size):

@@ -67,7 +67,9 @@ PART_FORMATS: dict[str, tuple[str, str]] = {
 KERNEL_ID_PROPERTY = "kernel_id"
 RAMDISK_ID_PROPERTY = "ramdisk_id"
 
-CHUNK_SIZE = 1 << 20  # one read of the source, one HTTP chunk: bounded memory, few syscalls
+# One read of the source, one HTTP chunk. Glance (gunicorn's chunked reader) takes 1 GiB in
+# 256 KiB chunks in about 6.6 s here, in 1 MiB chunks in 9.4-10 s; 64 KiB is no faster.
+CHUNK_SIZE = 256 << 10
 DEFAULT_HASH_ALGO = "sha512"  # Glance's default `hashing_algorithm`
 FAILED_STATES = frozenset({"killed", "deleted", "pending_delete", "deactivated"})
 _IDS_PER_LIST = 50  # ids in one "id=in:…" filter: 50 UUIDs keep the URL under 2 kB
@@ -318,8 +320,13 @@ class OpenStackCloud:
         properties: dict[str, str],
         timeout: float,
         progress: Callable[[int], None] | None = None,
+        on_created: Callable[[str], None] | None = None,
     ) -> str:
-        """Create, upload, wait for `active`, verify; return the image id (see module doc)."""
+        """Create, upload, wait for `active`, verify; return the image id (see module doc).
+
+        `on_created` is called with the id once the image exists, before its upload: a Glance
+        that takes one request at a time takes this upload before any request sent after it.
+        """
         algo = self.hash_algo("image create")
         body = {
             "name": self.name_prefix + name,
@@ -331,6 +338,8 @@ class OpenStackCloud:
         image_id = self._request("image create", "POST", "/images", json=body).json()["id"]
         log.info("created Glance image %s (%s, %s)", image_id, body["name"], disk_format)
         try:
+            if on_created is not None:
+                on_created(image_id)
             upload = _Upload(source, algo, progress)
             self._request(
                 "image upload",

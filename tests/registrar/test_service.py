@@ -11,8 +11,10 @@ import pytest
 
 from registrar.errors import FetchError
 from registrar.flights import Flights as _Flights
+from registrar.flights import one_then_other
+from registrar.owners import owner_alive, owner_process
 from registrar.registry import process_start
-from registrar.service import _label, _owner_alive, owner_process
+from registrar.service import _label
 
 
 def _run_concurrently(n: int, target: object) -> list[threading.Thread]:
@@ -101,12 +103,41 @@ def test_different_keys_run_in_parallel() -> None:
     assert sorted(results) == ["a", "b"]
 
 
+def test_the_other_call_starts_when_the_first_says_go_or_ends() -> None:
+    events: list[str] = []
+    first_may_end = threading.Event()
+
+    def first(go: Callable[[], None]) -> str:
+        events.append("first started")
+        go()
+        assert first_may_end.wait(30)  # the other has run meanwhile
+        events.append("first ends")
+        return "a"
+
+    def other() -> str:
+        events.append("other started")
+        first_may_end.set()
+        return "b"
+
+    assert one_then_other(first, other) == ("a", "b")
+    assert events == ["first started", "other started", "first ends"]
+
+    # A first call that fails before go() still lets the other run, then raises its error.
+    def failing(go: Callable[[], None]) -> str:
+        raise FetchError("no metadata")
+
+    ran: list[str] = []
+    with pytest.raises(FetchError, match="no metadata"):
+        one_then_other(failing, lambda: ran.append("other") or "b")
+    assert ran == ["other"]
+
+
 def test_owner_names() -> None:
     me = f"registrar:{os.getpid()}:{process_start(os.getpid())}:7"
     assert owner_process(me) == f"registrar:{os.getpid()}:{process_start(os.getpid())}:"
-    assert _owner_alive(me)
-    assert not _owner_alive(f"registrar:{os.getpid()}:1:7")  # same pid, other start: reused
-    assert _owner_alive("someone-else")  # not a registrar owner: never judged dead
+    assert owner_alive(me)
+    assert not owner_alive(f"registrar:{os.getpid()}:1:7")  # same pid, other start: reused
+    assert owner_alive("someone-else")  # not a registrar owner: never judged dead
 
 
 @pytest.mark.parametrize(
