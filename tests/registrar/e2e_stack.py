@@ -5,7 +5,8 @@ state dir and bucket; a real ``imgstore mount`` (``fuse_mount``); and ``stack.st
 the real registrar service (the ``registrar serve`` console script) as a subprocess, which
 is stopped (SIGTERM, then SIGKILL) at teardown. The registrar listens on a free port and logs
 its address; ``start`` waits for that line and for ``/healthz`` with a deadline, failing at
-once if the process dies.
+once if the process dies. At teardown it prints the registrars' and imgstore's logs, which
+pytest shows beside a failed test's error.
 """
 
 from __future__ import annotations
@@ -212,6 +213,13 @@ def stack_factory(
     for stack in stacks:
         for registrar in stack.registrars:
             registrar.stop()
+        # pytest shows a test's captured output only when it fails: then the daemons' own
+        # account is there beside the assertion, for a failure that does not come back.
+        for n, registrar in enumerate(stack.registrars):
+            print(f"--- registrar {n} log (last 6000 characters) ---")
+            print(registrar.log_text()[-6000:])
+        print("--- imgstore log (last 6000 characters) ---")
+        print(stack.mount.stderr_text()[-6000:])
 
 
 @pytest.fixture
