@@ -17,6 +17,7 @@ import logging
 import re
 import secrets
 from datetime import UTC, datetime
+from urllib.parse import unquote, urlsplit
 
 from registrar.errors import InvalidImageName
 
@@ -46,6 +47,12 @@ def sanitize(label: str) -> str:
     """
     cleaned = _INVALID_CHARS.sub("-", label).strip("-.")
     return cleaned[:_LABEL_MAX].rstrip("-.") or "image"
+
+
+def label_from_url(url: str, fallback: str) -> str:
+    """A readable label for an image from its URL's last path segment (`fallback` if none)."""
+    segment = unquote(urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
+    return sanitize(segment or fallback)
 
 
 def unique_name(label: str, sha1: str | None = None, *, now: datetime | None = None) -> str:

@@ -54,7 +54,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 from imgstore import client as imgstore
 from registrar import names
@@ -111,12 +110,6 @@ class Settings:
 
 def _nothing() -> None:
     pass
-
-
-def _label(url: str, fallback: str) -> str:
-    """A readable name for an image from its URL's last path segment."""
-    segment = unquote(urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
-    return names.sanitize(segment or fallback)
 
 
 class Service:
@@ -267,7 +260,7 @@ class Service:
                 return original
         request = PartRequest(
             kind=kind,
-            label=_label(part.url, kind),
+            label=names.label_from_url(part.url, kind),
             sha1=part.sha1,
             kernel_id=kernel_id,
             ramdisk_id=ramdisk_id,
@@ -289,7 +282,12 @@ class Service:
         progress: Progress | None,
         on_sending: Callable[[], None],
     ) -> str:
-        owner = self._claim(key)
+        try:
+            owner = self._claim(key)
+        except CloudError as exc:  # a look at the cloud, or the cleanup of a dead job, failed
+            raise RegistrationFailed(
+                f"registering the {part.type} image from {part.url} failed: {exc}"
+            ) from exc
         if owner is None:
             self.metrics.image_reused()
             image = self.registry.image(key)
@@ -467,7 +465,11 @@ class Service:
                 job.prefix or "-",
                 job.image_id or "-",
             )
-            self._clean_job(job)
+            try:
+                self._clean_job(job)
+            except CloudError as exc:  # the cloud may be down at start: serve all the same
+                log.warning("could not clean up %s now (%s); will at its next claim", job.key, exc)
+                continue
             self.registry.release(job.key, job.owner)
             cleaned += 1
         for prefix in sorted(dead_processes(self.settings.cache_dir)):

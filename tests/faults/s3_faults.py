@@ -3,7 +3,8 @@
 `S3Faults(upstream)` listens on a free 127.0.0.1 port (`url`) and forwards every request to
 `upstream` ("http://host:port") unchanged (same path, headers and Host), except the requests
 of the step named by `refuse` ("bucket create": PUT of the bucket; "part upload": PUT of a
-`*.part.NN` key; "manifest upload": PUT of a `*.manifest.xml` key), which get an S3
+`*.part.NN` key; "manifest upload": PUT of a `*.manifest.xml` key; "bucket list": GET of the
+bucket, as a cleanup lists a folder), which get an S3
 `403 AccessDenied` error document (403 so botocore does not retry). `refused` counts them.
 
 `hold = "manifest upload"` (any step) instead parks those requests: `held` is set when one
@@ -94,9 +95,11 @@ class S3Faults:
 
     @staticmethod
     def _kind(method: str, path: str) -> str | None:
+        key = urlsplit(path).path.rstrip("/")  # path-style: /services/objectstorage/bucket/...
+        if method == "GET" and key.count("/") == 3:
+            return "bucket list"
         if method != "PUT":
             return None
-        key = urlsplit(path).path.rstrip("/")  # path-style: /services/objectstorage/bucket/...
         last = key.rsplit("/", 1)[-1]
         # Objects first: without a service prefix (SeaweedFS) /<bucket>/<folder>/<file> has
         # as many slashes as /services/objectstorage/<bucket>.

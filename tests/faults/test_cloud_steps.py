@@ -121,6 +121,48 @@ def test_registrar_killed_mid_bundle_leaves_no_orphans_and_the_request_is_redone
     assert len({key.split("/", 1)[0] for key in stack.cloud.bucket_keys()}) == 1
 
 
+def test_a_dead_registrars_job_whose_cleanup_fails_is_a_fault_naming_the_image_then_redone(
+    stack: Stack, s3_faults: S3Faults, origin: Origin, image_factory: ImageFactory
+) -> None:
+    images = image_factory.publish(
+        origin, size_mib=16, fs_format="raw", kernel=False, ramdisk=False
+    )
+    fs = images.parts["FILESYSTEM"]
+    set_keys(stack, "cloud", s3_url=s3_faults.url + S3_PATH)
+    s3_faults.hold = "manifest upload"
+    registrar = stack.start()
+    caller, _ = register_in_background(
+        stack.zeep(registrar), images.metadata_url, images.metadata_sha1
+    )
+    assert s3_faults.held.wait(60), "no manifest upload arrived"
+    registrar.stop(signal.SIGKILL)  # parts in the bucket, a job left behind
+    caller.join(60)
+    s3_faults.hold = None
+    s3_faults.release.set()
+    left = stack.cloud.bucket_keys()
+    assert any(".part." in key for key in left)
+
+    # The cloud refuses the cleanup: the registrar starts all the same and says why it left
+    # the job; a call for the image is a fault naming it and the step, not a bare cloud error.
+    s3_faults.refuse = "bucket list"
+    restarted = stack.start()
+    assert "will at its next claim" in restarted.log_text()
+    service = stack.zeep(restarted)
+    message = _fault(service, images.metadata_url, images.metadata_sha1)
+    assert message == (
+        f"registering the FILESYSTEM image from {fs.url} failed: "
+        "list: AccessDenied: bucket list refused by the fault proxy"
+    )
+    assert stack.cloud.bucket_keys() == left and stack.cloud.image_ids() == []
+
+    # Once the cloud answers, the next call cleans up the dead job's parts and registers.
+    s3_faults.refuse = None
+    text = service.RegisterImage(url=images.metadata_url, signature=images.metadata_sha1)
+    assert text.startswith("FILESYSTEM=")
+    assert len(stack.cloud.image_ids()) == 1
+    assert not set(left) & set(stack.cloud.bucket_keys())
+
+
 def test_a_registration_whose_answer_was_lost_is_found_by_name_and_undone(
     stack: Stack, origin: Origin, image_factory: ImageFactory
 ) -> None:

@@ -12,9 +12,9 @@ import pytest
 from registrar.errors import FetchError
 from registrar.flights import Flights as _Flights
 from registrar.flights import one_then_other
+from registrar.names import label_from_url
 from registrar.owners import owner_alive, owner_process
 from registrar.registry import process_start
-from registrar.service import _label
 
 
 def _run_concurrently(n: int, target: object) -> list[threading.Thread]:
@@ -150,4 +150,4 @@ def test_owner_names() -> None:
     ],
 )
 def test_labels_come_from_the_url(url: str, label: str) -> None:
-    assert _label(url, "kernel") == label
+    assert label_from_url(url, "kernel") == label
