@@ -15,7 +15,9 @@ The steps of one call:
    a backend that takes QCOW2 (OpenStack): on Eucalyptus, beside a filesystem it is skipped
    with a log line; alone it is an UnsupportedImage error.
 4. For the kernel and the ramdisk (in parallel), then the machine image (which names their
-   ids) beside the QCOW2: if the registry has the part's image and the cloud still has it,
+   ids) and the QCOW2, which starts once the cloud takes the machine image's bytes (a Glance
+   serving one upload at a time then takes the filesystem as it downloads): if the registry
+   has the part's image and the cloud still has it,
    reuse it; otherwise claim the part's key and run the registration pipeline
    (`registrar.pipeline`, at most `max_bundles` streaming at once) with the cloud's backend:
    the part is added to imgstore (part URLs are never trusted), pinned, and streamed from the
