@@ -451,8 +451,9 @@ def main() -> int:
     if unknown := set(clouds) - set(CASES):
         print(f"bench_register: unknown cloud(s): {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
-    wanted = {c for c in args.cases.split(",") if c} or {k for v in CASES.values() for k in v}
-    if unknown := wanted - {k for v in CASES.values() for k in v}:
+    every = {k for v in CASES.values() for k in v}
+    wanted = {c for c in args.cases.split(",") if c} or every
+    if unknown := wanted - every:
         print(f"bench_register: unknown case(s): {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
     selected = {c: [k for k in CASES[c] if k in wanted] for c in clouds}

@@ -320,11 +320,11 @@ class OpenStackCloud:
         properties: dict[str, str],
         timeout: float,
         progress: Callable[[int], None] | None = None,
-        on_created: Callable[[str], None] | None = None,
+        on_created: Callable[[], None] | None = None,
     ) -> str:
         """Create, upload, wait for `active`, verify; return the image id (see module doc).
 
-        `on_created` is called with the id once the image exists, before its upload: a Glance
+        `on_created` is called once the image exists, before its upload: a Glance
         that takes one request at a time takes this upload before any request sent after it.
         """
         algo = self.hash_algo("image create")
@@ -339,7 +339,7 @@ class OpenStackCloud:
         log.info("created Glance image %s (%s, %s)", image_id, body["name"], disk_format)
         try:
             if on_created is not None:
-                on_created(image_id)
+                on_created()
             upload = _Upload(source, algo, progress)
             self._request(
                 "image upload",

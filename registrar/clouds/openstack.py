@@ -124,7 +124,7 @@ class OpenStack:
                     container_format=container_format,
                     properties=properties,
                     timeout=self.register_timeout,
-                    on_created=on_sending and (lambda _image_id: on_sending()),
+                    on_created=on_sending,
                 )
             finally:
                 stream.close()

@@ -18,7 +18,7 @@ from tests.faults.site import set_keys
 from tests.registrar import e2e_stack
 from tests.registrar.e2e_stack import Stack, register_in_background
 from tests.support.cloud import S3_PATH
-from tests.support.images import ImageFactory
+from tests.support.images import ImageFactory, ImageSet
 from tests.support.origin import Origin
 
 stack, stack_factory = e2e_stack.stack, e2e_stack.stack_factory  # fixtures
@@ -29,6 +29,23 @@ def s3_faults(stack: Stack):
     proxy = S3Faults(stack.cloud.s3_url.removesuffix(S3_PATH))
     yield proxy
     proxy.close()
+
+
+def _kill_mid_bundle(stack: Stack, s3_faults: S3Faults, images: ImageSet) -> None:
+    """Start a registrar, and kill it (SIGKILL) with the parts uploaded and the manifest held."""
+    set_keys(stack, "cloud", s3_url=s3_faults.url + S3_PATH)
+    s3_faults.hold = "manifest upload"  # the parts are in the bucket by then
+    registrar = stack.start()
+    caller, outcome = register_in_background(
+        stack.zeep(registrar), images.metadata_url, images.metadata_sha1
+    )
+    assert s3_faults.held.wait(60), "no manifest upload arrived"
+    assert any(".part." in key for key in stack.cloud.bucket_keys())
+    registrar.stop(signal.SIGKILL)  # mid-bundle: parts uploaded, the manifest in flight
+    caller.join(60)
+    assert outcome and not isinstance(outcome[0], str)
+    s3_faults.hold = None
+    s3_faults.release.set()
 
 
 def _fault(service: object, url: str, signature: str) -> str:
@@ -95,19 +112,7 @@ def test_registrar_killed_mid_bundle_leaves_no_orphans_and_the_request_is_redone
     images = image_factory.publish(
         origin, size_mib=16, fs_format="raw", kernel=False, ramdisk=False
     )
-    set_keys(stack, "cloud", s3_url=s3_faults.url + S3_PATH)
-    s3_faults.hold = "manifest upload"  # the parts are in the bucket by then
-    registrar = stack.start()
-    caller, outcome = register_in_background(
-        stack.zeep(registrar), images.metadata_url, images.metadata_sha1
-    )
-    assert s3_faults.held.wait(60), "no manifest upload arrived"
-    assert any(".part." in key for key in stack.cloud.bucket_keys())
-    registrar.stop(signal.SIGKILL)  # mid-bundle: parts uploaded, the manifest in flight
-    caller.join(60)
-    assert outcome and not isinstance(outcome[0], str)
-    s3_faults.hold = None
-    s3_faults.release.set()
+    _kill_mid_bundle(stack, s3_faults, images)
 
     restarted = stack.start()
     # Before listening, the new registrar deleted the dead one's parts.
@@ -128,19 +133,8 @@ def test_a_dead_registrars_job_whose_cleanup_fails_is_a_fault_naming_the_image_t
         origin, size_mib=16, fs_format="raw", kernel=False, ramdisk=False
     )
     fs = images.parts["FILESYSTEM"]
-    set_keys(stack, "cloud", s3_url=s3_faults.url + S3_PATH)
-    s3_faults.hold = "manifest upload"
-    registrar = stack.start()
-    caller, _ = register_in_background(
-        stack.zeep(registrar), images.metadata_url, images.metadata_sha1
-    )
-    assert s3_faults.held.wait(60), "no manifest upload arrived"
-    registrar.stop(signal.SIGKILL)  # parts in the bucket, a job left behind
-    caller.join(60)
-    s3_faults.hold = None
-    s3_faults.release.set()
+    _kill_mid_bundle(stack, s3_faults, images)  # parts in the bucket, a job left behind
     left = stack.cloud.bucket_keys()
-    assert any(".part." in key for key in left)
 
     # The cloud refuses the cleanup: the registrar starts all the same and says why it left
     # the job; a call for the image is a fault naming it and the step, not a bare cloud error.
