@@ -70,11 +70,17 @@ def compare_sha1(actual: str, expected: str | None) -> None:
 
 
 class HashingReader:
-    """Reads the source, hashing every byte and reporting progress; OSError → BundleError."""
+    """Reads the source, hashing every byte and reporting progress; OSError → BundleError.
+
+    A source that verifies as it serves (`blobs.MountReader`, the imgstore mount: its last
+    byte comes only after the SHA-1 matched) is not hashed again: its `verified_sha1()` is the
+    digest, asked once the whole source was read.
+    """
 
     def __init__(self, source: BinaryIO, progress: Progress | None) -> None:
         self._source = source
-        self._sha1 = hashlib.sha1()
+        self._vouched: Callable[[], str] | None = getattr(source, "verified_sha1", None)
+        self._sha1 = None if self._vouched is not None else hashlib.sha1()
         self._progress = progress
         self.count = 0
 
@@ -83,7 +89,8 @@ class HashingReader:
             data = self._source.read(n)
         except OSError as exc:
             raise BundleError(f"reading the image failed: {exc}") from exc
-        self._sha1.update(data)
+        if self._sha1 is not None:
+            self._sha1.update(data)
         self.count += len(data)
         if self._progress and data:
             self._progress(len(data))
@@ -102,4 +109,8 @@ class HashingReader:
             pass
 
     def hexdigest(self) -> str:
+        """Call once the whole source was read."""
+        if self._sha1 is None:
+            assert self._vouched is not None
+            return self._vouched()
         return self._sha1.hexdigest()
