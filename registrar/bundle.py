@@ -14,10 +14,11 @@ went to the sink.
 **Verification in the same pass.** The SHA-1 of the source bytes (the file exactly as
 downloaded: for a ZFILESYSTEM the compressed file) is computed while reading (or, through the
 imgstore mount, taken from its verdict once the file is read whole: `source.HashingReader`) and
-compared with `expected_sha1` before the gzip trailer and the AES padding are produced; so on a mismatch the
-last part is never made, the manifest never built, and ImageChecksumMismatch is raised. A plain
-compressed image needs its raw size first (it goes into the tar header): it is found by one
-decompressing pass, which checks the SHA-1 too, so a wrong file fails before any part exists.
+compared with `expected_sha1` before the gzip trailer and the AES padding are produced; so on a
+mismatch the last part is never made, the manifest never built, and ImageChecksumMismatch is
+raised. A plain compressed image needs its raw size first (it goes into the tar header): it is
+found by one decompressing pass, which checks the SHA-1 too, so a wrong file fails before any
+part exists.
 
 **Speed.** The gzip stream is one member made pigz-style: the tar stream is cut into blocks
 compressed in parallel by ISA-L (the GIL is released), each primed with the previous block's

@@ -10,8 +10,9 @@ images; a KERNEL `aki`/`aki`; a RAMDISK `ari`/`ari`.
 
 Verified end to end, in one pass with no temporary copy: the source's SHA-1 (the file as
 published) is checked before the last chunk is sent, so a wrong file never completes an upload
-(through the mount, imgstore's verdict is the check; a local file is hashed as it streams); Glance's own hash of what it stored (`os_hash_value`) is
-compared with ours once it says `active` (glance_api). Any failure deletes the image.
+(through the mount, imgstore's verdict is the check; a local file is hashed as it streams).
+Glance's own hash of what it stored (`os_hash_value`) is compared with ours once it says
+`active` (glance_api). Any failure deletes the image.
 
 Every image carries properties that trace it to its source (`openstack image show`):
 `imageproxy_sha1` (the part's SHA-1), `imageproxy_source_url`, `imageproxy_metadata_sha1`, and
@@ -151,11 +152,11 @@ class _VerifiedStream:
     """The image bytes of a part as a readable: unpacked if asked, its SHA-1 checked.
 
     A reader thread reads the mount and decompresses the source into a short queue (a local
-    file is also hashed there, SHA-1; see source.HashingReader), while the caller's thread hashes what Glance will report (sha512) and sends: the
-    two halves overlap, as hashlib, zlib and sockets release the GIL. The reader verifies the
-    source (draining what the image stream left, such as a gzip trailer) before it hands over
-    the final chunk: a wrong file raises ImageChecksumMismatch before its last byte is sent,
-    so Glance never completes the upload.
+    file is also hashed there, SHA-1; see source.HashingReader), while the caller's thread
+    hashes what Glance will report (sha512) and sends: the two halves overlap, as hashlib, zlib
+    and sockets release the GIL. The reader verifies the source (draining what the image stream
+    left, such as a gzip trailer) before it hands over the final chunk: a wrong file raises
+    ImageChecksumMismatch before its last byte is sent, so Glance never completes the upload.
     """
 
     _QUEUED = 4  # chunks read ahead: bounded memory, enough to keep the sender busy
