@@ -37,6 +37,14 @@ _SHA1_IN_TEXT = re.compile(r"\b[0-9a-f]{40}\b")
 _STATE_XATTR = "user.imgstore.state"
 
 
+def _mount_state(path: Path) -> str | None:
+    """A blob file's `user.imgstore.state`; None where it has none (not imgstore's mount)."""
+    try:
+        return os.getxattr(path, _STATE_XATTR).decode()
+    except OSError:
+        return None
+
+
 class StoreSettings(Protocol):
     """What Blobs needs of the service's settings."""
 
@@ -153,11 +161,10 @@ class Blobs:
         (`imgstore.hashing.Hashing.corrupt`), so either answers `corrupt` once a read got EIO
         for it; the xattr is the mount's own view, and the catalog the fallback without one.
         """
-        try:
-            path = self.settings.mountpoint / "by-sha1" / sha1
-            return os.getxattr(path, _STATE_XATTR).decode()
-        except OSError:
-            return blob.state if blob is not None else "unknown"
+        state = _mount_state(self.settings.mountpoint / "by-sha1" / sha1)
+        if state is not None:
+            return state
+        return blob.state if blob is not None else "unknown"
 
     def _read_error(self, sha1: str, url: str, what: str) -> Callable[[OSError], RegistrarError]:
         def translate(exc: OSError) -> RegistrarError:
@@ -189,12 +196,11 @@ class Blobs:
         the state attribute; a plain directory standing in for it gets a plain reader)."""
         path = self.settings.mountpoint / "by-sha1" / sha1
         raw = MountFile(path, self._read_error(sha1, url, what))
-        try:
-            os.getxattr(path, _STATE_XATTR)
-        except OSError:
-            source = io.BufferedReader(raw, buffer_size=_READ_BUFFER)
-        else:
-            source = MountReader(path, sha1, raw)
+        source = (
+            io.BufferedReader(raw, buffer_size=_READ_BUFFER)
+            if _mount_state(path) is None
+            else MountReader(path, sha1, raw)
+        )
         with source:
             yield source
 
