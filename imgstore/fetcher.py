@@ -20,6 +20,7 @@ import httpcore
 import httpx
 import trio
 
+from imgstore import tls
 from imgstore.buffers import BufferPool, ChunkBuffer
 from imgstore.catalog import Url
 from imgstore.errors import BadUrl, OriginChanged, OriginError, OriginRetry, RangeNotSupported
@@ -114,6 +115,7 @@ class Origin:
         self.client = httpx.AsyncClient(
             # The configured proxy, else http_proxy & co. from the environment (trust_env).
             proxy=proxy or None,
+            verify=tls.httpx_default(),
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
             follow_redirects=True,
             trust_env=True,

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 import anyio
 import httpx
 
+from imgstore import tls
 from imgstore.errors import ConfigError, ForbiddenAddress
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,8 @@ class GuardedTransport(httpx.AsyncBaseTransport):
     ) -> None:
         self.policy = policy
         self.proxy = proxy
-        self._inner = httpx.AsyncHTTPTransport(proxy=proxy, **transport_options)  # type: ignore[arg-type]
+        options = {"verify": tls.httpx_default(), **transport_options}
+        self._inner = httpx.AsyncHTTPTransport(proxy=proxy, **options)  # type: ignore[arg-type]
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url

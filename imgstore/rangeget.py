@@ -18,11 +18,11 @@ import dataclasses
 import functools
 import http.client
 import socket
-import ssl
 import threading
 import urllib.request
 from urllib.parse import urlsplit
 
+from imgstore import tls
 from imgstore.errors import OriginRetry
 from imgstore.origin import check_answer, check_complete, describe, overrun, range_headers
 
@@ -83,7 +83,7 @@ class RangeGetter:
         self.proxy = proxy
         self._idle: dict[tuple[object, ...], list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
-        self._ssl = ssl.create_default_context()
+        self._ssl = tls.system_default()
 
     def close(self) -> None:
         with self._lock:
