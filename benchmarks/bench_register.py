@@ -404,6 +404,26 @@ def _check_ids(site: Site, cloud: str, case: str, ids: dict[str, str]) -> None:
             )
 
 
+def _run_with_retry(
+    site: Site, cloud: str, case: str, workdir: Path, keep: Path | None, drop: bool
+) -> float:
+    """One timed run. A web-download that Glance's own import task failed (on sqlite it
+    sometimes ends in "database is locked") is run once more, and the failure is printed."""
+    for attempt in (1, 2):
+        with scratch(workdir / "run", keep) as work:
+            try:
+                seconds, _ = one_run(site, cloud, case, work, drop)
+                return seconds
+            except RunFailed as exc:
+                if case != "web-download" or attempt == 2:
+                    raise
+                first = str(exc).splitlines()[0]
+                print(f"{cloud} {case}: {first}; running it again", file=sys.stderr)
+            finally:
+                _clean(site, cloud)
+    raise AssertionError("unreachable")
+
+
 def _clean(site: Site, cloud: str) -> None:
     """Forget the run's images: moto keeps them in memory, Glance on disk."""
     if cloud == "eucalyptus":
@@ -476,11 +496,7 @@ def main() -> int:
                         keep = None
                         if args.keep_runs:
                             keep = args.workdir / f"kept-{cloud}-{case}-{run + 1}"
-                        with scratch(args.workdir / "run", keep) as work:
-                            try:
-                                seconds, _ = one_run(site, cloud, case, work, drop)
-                            finally:
-                                _clean(site, cloud)
+                        seconds = _run_with_retry(site, cloud, case, args.workdir, keep, drop)
                         times[cloud][case].append(seconds)
                         print(
                             f"run {run + 1} {cloud:10} {case:12} {seconds:8.2f} s", file=sys.stderr
