@@ -31,18 +31,18 @@ from registrar.errors import CloudError
 log = logging.getLogger(__name__)
 
 
-def _nothing(*_args: object) -> None:
-    return None
+def no_hook(*_args: object) -> None:
+    """The default of every hook: do nothing."""
 
 
 @dataclasses.dataclass(frozen=True)
 class JobHooks:
     """Callbacks for the job's bookkeeping; each defaults to doing nothing."""
 
-    placed: Callable[[Placement], None] = _nothing
-    registered: Callable[[str], None] = _nothing
-    abandoned: Callable[[CloudError], None] = _nothing
-    sending: Callable[[], None] = _nothing  # the cloud has begun to take the bytes
+    placed: Callable[[Placement], None] = no_hook
+    registered: Callable[[str], None] = no_hook
+    abandoned: Callable[[CloudError], None] = no_hook
+    sending: Callable[[], None] = no_hook  # the cloud has begun to take the bytes
 
 
 def register_part(

@@ -84,7 +84,7 @@ from registrar.flights import Flights, in_parallel, one_then_other
 from registrar.metadata import ImageSet, Part, check_signature, check_url
 from registrar.metrics import RegistrarMetrics
 from registrar.owners import dead_processes, owner_process, process_prefix
-from registrar.pipeline import JobHooks, register_part
+from registrar.pipeline import JobHooks, no_hook, register_part
 from registrar.properties import answer_text
 from registrar.registry import Answer, Claimed, Image, Job, Registry, image_key
 
@@ -108,10 +108,6 @@ class Settings:
     max_bundles: int = 2  # images bundled at once; each takes a few cores and up to ~80 MiB
     claim_wait: float = 4 * 3600.0  # longer than any registration ORCA would still wait for
     claim_poll: float = 0.5
-
-
-def _nothing() -> None:
-    pass
 
 
 class Service:
@@ -190,7 +186,7 @@ class Service:
         filesystem, qcow2 = self._supported(images, url)
 
         def part(p: Part | None, kind: str, kernel_id: str = "", ramdisk_id: str = "",
-                 on_sending: Callable[[], None] = _nothing) -> str:  # fmt: skip
+                 on_sending: Callable[[], None] = no_hook) -> str:  # fmt: skip
             return self._part(p, kind, kernel_id, ramdisk_id, sha1, progress, on_sending)
 
         # Kernel and ramdisk in parallel (each waits until usable), then the machine image,
@@ -250,7 +246,7 @@ class Service:
         ramdisk_id: str,
         metadata_sha1: str,
         progress: Progress | None,
-        on_sending: Callable[[], None] = _nothing,
+        on_sending: Callable[[], None] = no_hook,
     ) -> str:
         """The part's image id, registered now unless known; see JobHooks for `on_sending`."""
         if part is None:
