@@ -25,6 +25,7 @@ import trio
 from imgstore.blob import RECENT_CHUNKS, Blob, Chunk
 from imgstore.budget import Budget, Runner
 from imgstore.catalog import Catalog
+from imgstore.chunks import allocated_path
 from imgstore.errors import CacheFull, StoreError
 
 log = logging.getLogger(__name__)
@@ -200,8 +201,10 @@ class WriteBack:
             await self._maybe_close(blob)
 
     def _note_allocated(self, blob: Blob, alloc: int) -> None:
-        if blob.state == "corrupt":  # its data was dropped meanwhile: not "the largest seen"
-            self.budget.set_allocated(blob.sha1, alloc)
+        if blob.state == "corrupt":
+            # Its data was dropped, maybe after `alloc` was measured (a sync that ended after
+            # the verdict): count what the file holds now.
+            self.budget.set_allocated(blob.sha1, allocated_path(blob.data.path))
         else:
             self.budget.grow_allocated(blob.sha1, max(alloc, blob.disk.synced_alloc))
 

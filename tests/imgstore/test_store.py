@@ -13,8 +13,9 @@ import pyfuse3
 import pytest
 import trio
 
-from imgstore import client
+from imgstore import chunks, client
 from imgstore import hashing as hashing_module
+from imgstore.budget import scan_allocated
 from imgstore.config import StoreConfig
 from imgstore.errors import BlobCorrupt, OriginError
 from imgstore.fs import BLOB_BASE, BY_SHA1, Operations
@@ -287,3 +288,35 @@ async def test_a_reader_that_starts_mid_blob_has_its_chunks_written(tmp_path, or
     assert out == data[8 * MiB :]
     info = client.info(tmp_path, sha1)
     assert (info.state, info.cached_bytes) == ("partial", 32 * MiB)
+
+
+@pytest.mark.trio
+async def test_a_corrupt_blob_is_counted_as_what_its_file_holds_after_a_late_sync(
+    tmp_path, origin, monkeypatch
+):
+    # A fdatasync measures the data file's allocation. When the SHA-1 verdict (corrupt: the
+    # file is punched out) lands between that measure and the chunks' records, the measure is
+    # stale: counted, the budget would hold bytes the disk no longer has, and with cache_size
+    # set would evict or refuse too early. Both chunks are written before the one sync, which
+    # measures them, then waits while a slowed hasher reaches the verdict.
+    data = os.urandom(2 * CHUNK)
+    wrong = "1" * 40
+    client.add(tmp_path, wrong, [origin.put("bad.bin", data)], chunk_size=CHUNK)
+    real_sync, real_pieces = chunks.DataFile.sync, hashing_module._hash_pieces
+
+    def late_sync(self):  # type: ignore[no-untyped-def]
+        alloc = real_sync(self)
+        time.sleep(0.3)  # the verdict lands here
+        return alloc
+
+    def slow_pieces(hasher, pieces):  # type: ignore[no-untyped-def]
+        time.sleep(0.05)
+        real_pieces(hasher, pieces)
+
+    monkeypatch.setattr(chunks.DataFile, "sync", late_sync)
+    monkeypatch.setattr(hashing_module, "_hash_pieces", slow_pieces)
+    async with open_store(config(tmp_path)) as store:
+        with pytest.raises(BlobCorrupt):
+            await read_all(store, wrong)
+        await trio.sleep(1)  # the late sync has returned and both chunks are recorded
+        assert store.budget.allocated.get(wrong, 0) == scan_allocated(tmp_path).get(wrong) == 0
