@@ -117,7 +117,7 @@ class WriteBack:
                 await self.budget.make_room(blob.sha1, length, force=True)
                 alloc = await self._io(blob.data.write_many, start, pieces, direct)
             blob.disk.written += 1
-            self._note_allocated(blob, alloc)
+            await self._note_allocated(blob, alloc)
         return True
 
     async def _write_behind(self, blob: Blob) -> None:
@@ -186,7 +186,7 @@ class WriteBack:
                 self._on_unstored(blob, idx, exc)
                 blob.lose(idx)
                 return
-            self._note_allocated(blob, blob.disk.synced_alloc)
+            await self._note_allocated(blob, blob.disk.synced_alloc)
             if blob.generation != generation or blob.state == "corrupt":
                 return
             if await self._db(
@@ -200,11 +200,11 @@ class WriteBack:
             blob.disk.unrecorded -= 1
             await self._maybe_close(blob)
 
-    def _note_allocated(self, blob: Blob, alloc: int) -> None:
+    async def _note_allocated(self, blob: Blob, alloc: int) -> None:
         if blob.state == "corrupt":
             # Its data was dropped, maybe after `alloc` was measured (a sync that ended after
             # the verdict): count what the file holds now.
-            self.budget.set_allocated(blob.sha1, allocated_path(blob.data.path))
+            self.budget.set_allocated(blob.sha1, await self._io(allocated_path, blob.data.path))
         else:
             self.budget.grow_allocated(blob.sha1, max(alloc, blob.disk.synced_alloc))
 
