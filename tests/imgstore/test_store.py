@@ -304,9 +304,12 @@ async def test_a_corrupt_blob_is_counted_as_what_its_file_holds_after_a_late_syn
     client.add(tmp_path, wrong, [origin.put("bad.bin", data)], chunk_size=CHUNK)
     real_sync, real_pieces = chunks.DataFile.sync, hashing_module._hash_pieces
 
+    synced: list[int] = []
+
     def late_sync(self):  # type: ignore[no-untyped-def]
         alloc = real_sync(self)
         time.sleep(0.3)  # the verdict lands here
+        synced.append(alloc)
         return alloc
 
     def slow_pieces(hasher, pieces):  # type: ignore[no-untyped-def]
@@ -318,5 +321,9 @@ async def test_a_corrupt_blob_is_counted_as_what_its_file_holds_after_a_late_syn
     async with open_store(config(tmp_path)) as store:
         with pytest.raises(BlobCorrupt):
             await read_all(store, wrong)
-        await trio.sleep(1)  # the late sync has returned and both chunks are recorded
+        with trio.fail_after(30):
+            while not synced:  # the late sync, measured before the verdict, has not returned
+                await trio.sleep(0.02)
+        await trio.sleep(0.5)  # its chunks' records run on the trio thread, right after it
+        assert synced[0] > 0  # the race happened: the sync measured the bytes before the punch
         assert store.budget.allocated.get(wrong, 0) == scan_allocated(tmp_path).get(wrong) == 0
