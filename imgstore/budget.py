@@ -57,6 +57,9 @@ class Budget:
         # The last statvfs: (trio time, bytes available), and bytes reserved since.
         self._disk: tuple[float, int] | None = None
         self._reserved_since_stat = 0
+        # Blobs counted while `refresh` scans the disk (None when no scan runs): their new
+        # figures are newer than what the scan saw.
+        self._counted_in_scan: set[str] | None = None
 
     @property
     def used(self) -> int:
@@ -65,6 +68,7 @@ class Budget:
     def set_allocated(self, sha1: str, nbytes: int) -> None:
         """Count `nbytes` as what `sha1`'s data file holds now (after its data was dropped)."""
         self.allocated[sha1] = nbytes
+        self._note_counted(sha1)
 
     def grow_allocated(self, sha1: str, nbytes: int) -> None:
         """Count at least `nbytes` for `sha1`'s data file, which is being written.
@@ -73,10 +77,27 @@ class Budget:
         (dropping its data needs it closed): the largest figure seen is the latest.
         """
         self.allocated[sha1] = max(nbytes, self.allocated.get(sha1, 0))
+        self._note_counted(sha1)
+
+    def _note_counted(self, sha1: str) -> None:
+        if self._counted_in_scan is not None:
+            self._counted_in_scan.add(sha1)
 
     async def refresh(self) -> None:
-        """Re-read the allocated size of every data file (other processes write too)."""
-        self.allocated = await self._io(scan_allocated, self.cfg.cache_dir)
+        """Re-read the allocated size of every data file (other processes write too).
+
+        Writes go on while the scan runs in its thread, and one that is counted then has
+        already given back its reservation: the scan's older figure for that blob must not
+        replace it, or the budget would undercount it and let the cache overrun.
+        """
+        self._counted_in_scan = set()
+        try:
+            scanned = await self._io(scan_allocated, self.cfg.cache_dir)
+            for sha1 in self._counted_in_scan:
+                scanned[sha1] = self.allocated[sha1]
+            self.allocated = scanned
+        finally:
+            self._counted_in_scan = None
         self._disk = None  # and the disk's free space, at the next check
 
     @contextlib.asynccontextmanager

@@ -15,7 +15,8 @@ import trio
 
 from imgstore import chunks, client
 from imgstore import hashing as hashing_module
-from imgstore.budget import scan_allocated
+from imgstore.budget import Budget, scan_allocated
+from imgstore.chunks import allocated_path, blob_dir
 from imgstore.config import StoreConfig
 from imgstore.errors import BlobCorrupt, OriginError
 from imgstore.fs import BLOB_BASE, BY_SHA1, Operations
@@ -327,3 +328,30 @@ async def test_a_corrupt_blob_is_counted_as_what_its_file_holds_after_a_late_syn
         await trio.sleep(0.5)  # its chunks' records run on the trio thread, right after it
         assert synced[0] > 0  # the race happened: the sync measured the bytes before the punch
         assert store.budget.allocated.get(wrong, 0) == scan_allocated(tmp_path).get(wrong) == 0
+
+
+@pytest.mark.trio
+async def test_a_write_counted_while_the_budget_rescans_the_disk_is_not_lost(tmp_path):
+    # `refresh` scans the data files in a thread while writes go on. A write counted during
+    # the scan has already given back its reservation; had the scan's older figure replaced
+    # it, the budget would undercount the blob and let the cache overrun its size.
+    sha1 = "a" * 40
+    path = blob_dir(tmp_path) / sha1
+    path.parent.mkdir(parents=True)
+    path.touch()
+    scanned, resume = trio.Event(), trio.Event()
+
+    async def io(fn, *args):  # type: ignore[no-untyped-def]
+        result = fn(*args)  # the scan: it sees the file empty
+        scanned.set()
+        await resume.wait()
+        return result
+
+    budget = Budget(config(tmp_path), catalog=None, db=None, io=io)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(budget.refresh)
+        await scanned.wait()
+        path.write_bytes(os.urandom(MiB))  # a chunk written and counted meanwhile
+        budget.grow_allocated(sha1, allocated_path(path))
+        resume.set()
+    assert budget.allocated[sha1] == allocated_path(path) >= MiB
