@@ -50,16 +50,21 @@ def mount_cmd(cache_dir: Path, mountpoint: Path, *extra: str) -> list[str]:
 
 def allocated(cache_dir: Path) -> int:
     """What the cache's data files hold on disk (st_blocks), the number the budget limits."""
+    return sum(allocated_by_file(cache_dir).values())
+
+
+def allocated_by_file(cache_dir: Path) -> dict[str, int]:
+    """Each data file's allocated bytes, read one file after another (not one instant)."""
     blobs = cache_dir / "blobs"
     if not blobs.exists():
-        return 0
-    total = 0
+        return {}
+    figures = {}
     for p in blobs.iterdir():
         try:
-            total += p.stat().st_blocks * 512
+            figures[p.name] = p.stat().st_blocks * 512
         except FileNotFoundError:
             pass
-    return total
+    return figures
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
