@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -306,15 +307,18 @@ async def test_a_corrupt_blob_is_counted_as_what_its_file_holds_after_a_late_syn
     real_sync, real_pieces = chunks.DataFile.sync, hashing_module._hash_pieces
 
     synced: list[int] = []
+    measured = threading.Event()
 
     def late_sync(self):  # type: ignore[no-untyped-def]
         alloc = real_sync(self)
+        measured.set()
         time.sleep(0.3)  # the verdict lands here
         synced.append(alloc)
         return alloc
 
     def slow_pieces(hasher, pieces):  # type: ignore[no-untyped-def]
-        time.sleep(0.05)
+        # Not before the sync measured: a fixed delay did not keep that order beside a CPU hog.
+        measured.wait(timeout=10)
         real_pieces(hasher, pieces)
 
     monkeypatch.setattr(chunks.DataFile, "sync", late_sync)
