@@ -1,7 +1,7 @@
 """Connections cut under a read: reset, closed or gone silent, at any point of any answer.
 
 A TCP proxy of our own (tests/support/resetproxy.py) sits between imgstore and a real nginx and
-breaks the first K connections after N bytes of response. Each test counts what matters: the
+breaks the first K connections that reach N bytes of response. Each test counts what matters: the
 bytes are right (SHA-1), the origin sent a bounded number of bytes (nginx's log), and the
 retries happened (the proxy's connection count). None of them times anything: the read deadline
 is 120 s and each test's pytest timeout far below it, so a read that waited for the deadline

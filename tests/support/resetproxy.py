@@ -7,9 +7,12 @@ broken network or a crashing load balancer does to a real server's answers.
 Plain helper: ``start_reset_proxy(upstream_port, after=N, first=K, how="reset") -> ResetProxy``
 (call ``.close()``, or use it as a context manager).
 
-- Connection *i* (1-based, counting from start or from ``program``) with ``i <= first`` is cut
-  once ``after`` bytes of response have been passed to the client (headers included; ``0``: as
-  soon as the upstream starts answering, before the client has a byte).
+- The first ``first`` connections (counting from start or from ``program``) to reach ``after``
+  bytes of response are cut there (headers included; ``0``: as soon as the upstream starts
+  answering, before the client has a byte). A connection that ends short of ``after`` bytes,
+  say one that only fetched the rest of a cut range, is not cut and does not use up one of
+  the ``first``: so a test that programs K cuts sees exactly K whenever the traffic allows,
+  whatever order the client's connections run in.
 - ``how="reset"`` cuts with an RST (``SO_LINGER`` 0, then close): the client's next read fails
   with ECONNRESET. ``how="close"`` cuts with a FIN: the client sees a body that just ends
   (a truncated response). Either way the upstream connection is closed too.
@@ -17,12 +20,13 @@ Plain helper: ``start_reset_proxy(upstream_port, after=N, first=K, how="reset") 
   client gives up (or ``close``): a peer gone without an RST reaching us. This is also what
   the naive proxy (one thread per direction, ``close()`` while the other thread is blocked in
   ``recv()``) does by accident: the kernel keeps such a socket open, so its RST is never sent.
-- Later connections pass everything.
+- Every other connection passes everything.
 
 ``ResetProxy`` API
 ------------------
 - ``url(path) -> str`` -- ``http://127.0.0.1:PORT`` + path; ``port``.
-- ``program(after, first, how="reset")`` -- a new rule, counting connections from now.
+- ``program(after, first, how="reset")`` -- a new rule, for connections accepted from now
+  (those already open pass everything).
 - ``connections() -> int`` -- connections accepted since start (or ``program``).
 - ``cuts() -> int`` -- connections cut by the rule.
 - ``upstream_bytes() -> int`` -- response bytes received from the upstream (all connections,
@@ -68,6 +72,7 @@ class ResetProxy:
         self._request_bytes = 0
         self.on_request: Callable[[int], None] | None = None
         self._closed = False
+        self._rule = 0  # which `program` call is in force: a connection keeps the one it met
         self.program(after, first, how)
         self._thread = threading.Thread(target=self._accept_loop, daemon=True)
         self._thread.start()
@@ -84,6 +89,7 @@ class ResetProxy:
     def program(self, after: int, first: int, how: How = "reset") -> None:
         with self._lock:
             self._after, self._first, self._how = after, first, how
+            self._rule += 1
             self._accepted = 0
             self._cuts = 0
 
@@ -139,13 +145,24 @@ class ResetProxy:
                     client.close()
                     return
                 self._accepted += 1
-                n = self._accepted
-                limit = self._after if n <= self._first else None
+                rule = self._rule
+                limit = self._after if self._cuts < self._first else None
                 how = self._how
                 self._open.add(client)
-            threading.Thread(target=self._serve, args=(client, limit, how), daemon=True).start()
+            args = (client, limit, how, rule)
+            threading.Thread(target=self._serve, args=args, daemon=True).start()
 
-    def _serve(self, client: socket.socket, limit: int | None, how: How) -> None:
+    def _take_cut(self, rule: int) -> bool:
+        """Whether a connection that has reached its rule's `after` bytes is cut: only while that
+        rule is in force and has cuts left (the decision is made here, not at accept, so that
+        connections that end short do not use cuts up)."""
+        with self._lock:
+            if rule != self._rule or self._cuts >= self._first:
+                return False
+            self._cuts += 1
+            return True
+
+    def _serve(self, client: socket.socket, limit: int | None, how: How, rule: int) -> None:
         # One thread and select(), not a thread per direction: a socket closed while another
         # thread is blocked in recv() on it stays open in the kernel until that recv returns,
         # so no RST would be sent and the client would wait instead of seeing the cut.
@@ -178,12 +195,11 @@ class ResetProxy:
                         continue
                     with self._lock:
                         self._up_bytes += len(data)
-                    if limit is not None and passed + len(data) >= limit:
+                    if limit is not None and passed + len(data) >= limit and self._take_cut(rule):
                         data = data[: limit - passed]
                         client.sendall(data)
                         with self._lock:
                             self._client_bytes += len(data)
-                            self._cuts += 1
                         if how == "stall":
                             _shut(upstream)
                             _wait_gone(client)
