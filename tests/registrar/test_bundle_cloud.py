@@ -19,7 +19,7 @@ from registrar.errors import (
     ImageFailed,
     RegistrationTimeout,
 )
-from registrar.install import ImageFile, install_image, install_set
+from registrar.install import ImageFile, Installed, install_image, install_set
 from registrar.manifest import BundleKeys
 from tests.registrar.bundle_check import check_bundle
 from tests.support.cloud import StandInCloud
@@ -32,6 +32,31 @@ def connect(cloud: StandInCloud, tmp_path: Path, **settings: object) -> tuple[Cl
     config = registrar_config.load(cloud.write_config(tmp_path / "registrar.toml", **settings))
     cfg = config.require_cloud()
     return Cloud.from_config(config), BundleKeys.load(cfg.cloud_cert, cfg.user_cert, cfg.user_key)
+
+
+def install_machine(
+    cloud: StandInCloud,
+    remote: Cloud,
+    keys: BundleKeys,
+    path: Path,
+    label: str,
+    sha1: str,
+    *,
+    decompress: bool = False,
+) -> Installed:
+    """Install the file at `path` as an x86_64 machine image, as `install-image` does."""
+    with open(path, "rb") as stream:
+        return install_image(
+            remote,
+            keys,
+            stream,
+            label=label,
+            image_type="machine",
+            arch="x86_64",
+            expected_sha1=sha1,
+            account_id=cloud.account_id,
+            decompress=decompress,
+        )
 
 
 def test_machine_image_with_kernel_and_ramdisk(
@@ -83,17 +108,7 @@ def test_multi_part_bundle_has_10_mib_parts(
 ) -> None:
     blob = image_factory.blob(27 * 1024 * 1024, seed=7)  # incompressible: three parts
     remote, keys = connect(cloud, tmp_path)
-    with open(blob, "rb") as stream:
-        installed = install_image(
-            remote,
-            keys,
-            stream,
-            label="blob",
-            image_type="machine",
-            arch="x86_64",
-            expected_sha1=image_factory.sha1(blob),
-            account_id=cloud.account_id,
-        )
+    installed = install_machine(cloud, remote, keys, blob, "blob", image_factory.sha1(blob))
     checked = check_bundle(cloud, installed.location, signed=True)
     assert len(checked.part_keys) == 3
     assert checked.image_sha1 == image_factory.sha1(blob)
@@ -107,17 +122,7 @@ def test_unsigned_manifest_without_user_key_or_cert(
 ) -> None:
     image = image_factory.ext4(size_mib=8, seed=5)
     remote, keys = connect(cloud, tmp_path, signed=False, user_cert=False)
-    with open(image, "rb") as stream:
-        installed = install_image(
-            remote,
-            keys,
-            stream,
-            label="unsigned",
-            image_type="machine",
-            arch="x86_64",
-            expected_sha1=image_factory.sha1(image),
-            account_id=cloud.account_id,
-        )
+    installed = install_machine(cloud, remote, keys, image, "unsigned", image_factory.sha1(image))
     checked = check_bundle(cloud, installed.location, signed=False, user_copy=False)
     assert checked.image_sha1 == image_factory.sha1(image)
 
@@ -129,18 +134,9 @@ def test_zfilesystem_is_unpacked_before_bundling(
     raw = image_factory.ext4(size_mib=16, seed=6)
     packed = image_factory.compressed(fmt, size_mib=16, seed=6)
     remote, keys = connect(cloud, tmp_path)
-    with open(packed, "rb") as stream:
-        installed = install_image(
-            remote,
-            keys,
-            stream,
-            label=packed.name,
-            image_type="machine",
-            arch="x86_64",
-            expected_sha1=image_factory.sha1(packed),
-            account_id=cloud.account_id,
-            decompress=True,
-        )
+    installed = install_machine(
+        cloud, remote, keys, packed, packed.name, image_factory.sha1(packed), decompress=True
+    )
     checked = check_bundle(cloud, installed.location, signed=True)
     assert checked.image_sha1 == image_factory.sha1(raw)
     assert checked.image_size == raw.stat().st_size
@@ -152,18 +148,9 @@ def test_sparse_tar_member_is_unbundled_with_its_holes(
     raw = image_factory.ext4(size_mib=24, seed=8)
     tarball = image_factory.sparse_tar_gz(size_mib=24, seed=8)
     remote, keys = connect(cloud, tmp_path)
-    with open(tarball, "rb") as stream:
-        installed = install_image(
-            remote,
-            keys,
-            stream,
-            label="sparse",
-            image_type="machine",
-            arch="x86_64",
-            expected_sha1=image_factory.sha1(tarball),
-            account_id=cloud.account_id,
-            decompress=True,
-        )
+    installed = install_machine(
+        cloud, remote, keys, tarball, "sparse", image_factory.sha1(tarball), decompress=True
+    )
     out = tmp_path / "unbundled"
     checked = check_bundle(cloud, installed.location, signed=True, out=out)
     assert checked.image_size == raw.stat().st_size == out.stat().st_size
@@ -179,17 +166,8 @@ def test_wrong_sha1_stops_before_the_manifest_and_leaves_the_bucket_empty(
     # Big enough that full parts stream out before the end, whatever blocks are in flight.
     blob = image_factory.blob(44 * 1024 * 1024, seed=9)
     remote, keys = connect(cloud, tmp_path)
-    with open(blob, "rb") as stream, pytest.raises(ImageChecksumMismatch) as caught:
-        install_image(
-            remote,
-            keys,
-            stream,
-            label="wrong",
-            image_type="machine",
-            arch="x86_64",
-            expected_sha1=WRONG_SHA1,
-            account_id=cloud.account_id,
-        )
+    with pytest.raises(ImageChecksumMismatch) as caught:
+        install_machine(cloud, remote, keys, blob, "wrong", WRONG_SHA1)
     assert image_factory.sha1(blob) in str(caught.value)
     puts = [path for method, path, _ in cloud.s3_requests if method == "PUT" and "." in path]
     # Full parts went up while bundling (that is the streaming) but no manifest ever did …
@@ -206,18 +184,8 @@ def test_wrong_sha1_of_a_compressed_image_uploads_nothing(
 ) -> None:
     packed = image_factory.compressed("gz", size_mib=16, seed=6)
     remote, keys = connect(cloud, tmp_path)
-    with open(packed, "rb") as stream, pytest.raises(ImageChecksumMismatch):
-        install_image(
-            remote,
-            keys,
-            stream,
-            label="wrong",
-            image_type="machine",
-            arch="x86_64",
-            expected_sha1=WRONG_SHA1,
-            account_id=cloud.account_id,
-            decompress=True,
-        )
+    with pytest.raises(ImageChecksumMismatch):
+        install_machine(cloud, remote, keys, packed, "wrong", WRONG_SHA1, decompress=True)
     assert [r for r in cloud.s3_requests if r[0] == "PUT" and ".part." in r[1]] == []
     assert cloud.bucket_keys() == []
 
@@ -228,17 +196,8 @@ def test_refused_register_image_leaves_the_bucket_empty(
     image = image_factory.ext4(size_mib=8, seed=5)
     cloud.refuse("RegisterImage", "InvalidParameterValue", "Invalid value for Architecture")
     remote, keys = connect(cloud, tmp_path)
-    with open(image, "rb") as stream, pytest.raises(CloudError) as caught:
-        install_image(
-            remote,
-            keys,
-            stream,
-            label="refused",
-            image_type="machine",
-            arch="x86_64",
-            expected_sha1=image_factory.sha1(image),
-            account_id=cloud.account_id,
-        )
+    with pytest.raises(CloudError) as caught:
+        install_machine(cloud, remote, keys, image, "refused", image_factory.sha1(image))
     assert caught.value.step == "RegisterImage"
     assert caught.value.code == "InvalidParameterValue"
     assert "Invalid value for Architecture" in str(caught.value)
@@ -253,17 +212,8 @@ def test_image_never_available_is_deregistered_and_deleted(
     image = image_factory.ext4(size_mib=8, seed=5)
     cloud.hold_pending = True
     remote, keys = connect(cloud, tmp_path, register_timeout=0.3)
-    with open(image, "rb") as stream, pytest.raises(RegistrationTimeout) as caught:
-        install_image(
-            remote,
-            keys,
-            stream,
-            label="stuck",
-            image_type="machine",
-            arch="x86_64",
-            expected_sha1=image_factory.sha1(image),
-            account_id=cloud.account_id,
-        )
+    with pytest.raises(RegistrationTimeout) as caught:
+        install_machine(cloud, remote, keys, image, "stuck", image_factory.sha1(image))
     assert caught.value.step == "waiting for available"
     [registered] = cloud.calls_of("RegisterImage")
     [deregistered] = cloud.calls_of("DeregisterImage")
@@ -279,17 +229,8 @@ def test_image_the_cloud_marks_failed_is_deregistered_and_deleted(
     image = image_factory.ext4(size_mib=8, seed=5)
     cloud.report_image_state("failed")
     remote, keys = connect(cloud, tmp_path)
-    with open(image, "rb") as stream, pytest.raises(ImageFailed, match="is failed"):
-        install_image(
-            remote,
-            keys,
-            stream,
-            label="failed",
-            image_type="machine",
-            arch="x86_64",
-            expected_sha1=image_factory.sha1(image),
-            account_id=cloud.account_id,
-        )
+    with pytest.raises(ImageFailed, match="is failed"):
+        install_machine(cloud, remote, keys, image, "failed", image_factory.sha1(image))
     assert len(cloud.calls_of("DeregisterImage")) == 1
     assert cloud.image_ids() == [] and cloud.bucket_keys() == []
 
@@ -301,19 +242,9 @@ def test_reinstalling_the_same_image_never_collides(
     remote, keys = connect(cloud, tmp_path)
     installed = []
     for _ in range(2):
-        with open(image, "rb") as stream:
-            installed.append(
-                install_image(
-                    remote,
-                    keys,
-                    stream,
-                    label="same",
-                    image_type="machine",
-                    arch="x86_64",
-                    expected_sha1=image_factory.sha1(image),
-                    account_id=cloud.account_id,
-                )
-            )
+        installed.append(
+            install_machine(cloud, remote, keys, image, "same", image_factory.sha1(image))
+        )
     first, second = installed
     assert first.name != second.name and first.folder != second.folder
     assert first.image_id != second.image_id
