@@ -36,6 +36,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _provenance import commit  # noqa: E402
 
 TARGET_TIME, TARGET_SIZE, TARGET_RSS_MIB = 0.4, 1.15, 300
 
@@ -213,7 +216,7 @@ def main() -> int:
     result = {
         "benchmark": "bundle",
         "when": stamp,
-        "commit": _commit(),
+        "commit": commit(),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "image": {"size_mib": args.size_mib, "sha1": sha1},
         "runs": args.runs,
@@ -229,19 +232,6 @@ def main() -> int:
     if args.check_targets and not all(ok for *_, ok in checks):
         return 3
     return 0
-
-
-def _commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return out.stdout.strip()
 
 
 if __name__ == "__main__":

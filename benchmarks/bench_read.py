@@ -27,7 +27,6 @@ import os
 import platform
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ from typing import NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _provenance import commit  # noqa: E402
 from _readbench_cases import Bench, CaseError, Settings  # noqa: E402
 from _readbench_image import ensure_images  # noqa: E402
 from _readbench_mounts import MountError, tool_missing  # noqa: E402
@@ -254,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
                     "elapsed_s": elapsed,
                     "date": datetime.now(UTC).isoformat(timespec="seconds"),
                     "host": platform.node(),
-                    "commit": _commit(),
+                    "commit": commit(),
                     "cpus": os.cpu_count(),
                     "workdir": str(args.workdir),
                     "images": {
@@ -306,18 +306,6 @@ def _one(
         return
     for sub, sample in result.items():
         samples.setdefault(sub, {}).setdefault(tool, []).append({"run": run_no + 1, **sample})
-
-
-def _commit() -> str | None:
-    """The work tree's commit, marked -dirty if imgstore/ has uncommitted changes."""
-    git = ["git", "-C", str(HERE.parent)]
-    r = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    if r.returncode != 0:
-        return None
-    dirty = subprocess.run(
-        [*git, "status", "--porcelain", "--", "imgstore"], capture_output=True, text=True
-    ).stdout.strip()
-    return r.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def _subset(text: str, allowed: list[str], what: str) -> list[str]:

@@ -58,6 +58,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _provenance import commit  # noqa: E402
 from _regbench_site import (  # noqa: E402
     ROOT,
     SOAP11_BINDING,
@@ -545,7 +546,7 @@ def main() -> int:
     result = {
         "benchmark": "register",
         "when": stamp,
-        "commit": _commit(),
+        "commit": commit(),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "image": {
             "size_mib": args.size_mib,
@@ -566,19 +567,6 @@ def main() -> int:
     if args.check_targets and not all(c["met"] for c in checks):
         return 3
     return 0
-
-
-def _commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return out.stdout.strip()
 
 
 def _interrupt(signum: int, _frame: object) -> None:
