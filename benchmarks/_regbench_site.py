@@ -234,6 +234,7 @@ class Site:
         fs = next(i for i in images if i.type == "FILESYSTEM").path
         self.raw_fs = fs.with_suffix("")  # the image before gzip
         self.raw_fs_size = self.raw_fs.stat().st_size
+        self.raw_fs_url = ""  # the origin's decompressed copy, for web-download-raw
 
     def __enter__(self) -> Site:
         try:
@@ -268,6 +269,7 @@ class Site:
             glance_dir = self.workdir / "glance"
             shutil.rmtree(glance_dir, ignore_errors=True)
             glance_dir.mkdir()
+            self.raw_fs_url = self.origin.put("filesystem-raw.img", self.raw_fs)
             self.glance = ImportGlance(glance_dir, self.origin.port)
             self._stack.callback(self.glance.stop)
             try:
