@@ -90,7 +90,12 @@ def test_the_table_names_each_ratio_and_its_target(report: tuple[dict, str]) -> 
         )
         assert ratio["ratio"] == pytest.approx(expected)
         assert ratio["met"] == (ratio["ratio"] <= ratio["target"])
+        ours = data["seconds"][ratio["cloud"]]["ours"]
+        base = data["seconds"][ratio["cloud"]][ratio["vs"]]
+        assert ratio["rounds"] == 1
+        assert ratio["ours_faster_rounds"] == int(ours[0] < base[0])
     assert "ours / web-download" in stdout and data["table"] in stdout
+    assert stdout.count(" of 1 round)") == 3
     medians = {case: s["median"] for case, s in data["stats"]["openstack"].items()}
     assert [(r["case"], r["vs"]) for r in data["references"]] == [
         ("ours", "floor"),
