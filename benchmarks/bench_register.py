@@ -35,7 +35,8 @@ OpenStack (a real Glance 33 without Keystone, file store):
 
 Prints a table (median and min–max seconds per case) and the ratios against the targets of
 issue 15 (Eucalyptus ≤ 0.2× the original; OpenStack ≤ 0.6× the original and ≤ 1.0× Glance's
-web-download), and writes the figures as JSON under benchmarks/results/. Run as root (it drops
+web-download), each with the number of rounds ours won (a round runs every case once, back to
+back), and writes the figures as JSON under benchmarks/results/. Run as root (it drops
 the page cache; --no-drop-caches for smoke tests). Exit codes: 0 done (targets met or not, see
 the table; with --check-targets, 3 if one was missed); 2 a tool is missing or a run failed;
 130 interrupted (SIGINT or SIGTERM: every server and mount it started is stopped first).
