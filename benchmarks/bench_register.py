@@ -258,12 +258,12 @@ def os_web_download(site: Site, prefix: str, raw: bool = False) -> dict[str, str
     # is locked" (a production Glance on MySQL would run them side by side).
     for image in site.images:
         made = _create_image(glance, prefix, image.type)
-        raw_fs = raw and image.type == "FILESYSTEM"
-        uri = site.raw_fs_url if raw_fs else site.urls[image.type]
+        decompressed = raw and image.type == "FILESYSTEM"
+        uri = site.raw_fs_url if decompressed else site.urls[image.type]
         glance.call(
             "POST", f"/images/{made['id']}/import", {"method": {"name": "web-download", "uri": uri}}
         )
-        size = site.raw_fs_size if raw_fs else image.path.stat().st_size
+        size = site.raw_fs_size if decompressed else image.path.stat().st_size
         deadline = IMPORT_BASE_S + size / IMPORT_MIN_RATE
         _wait_imported(glance, image.type, made["id"], deadline)
         ids[image.type] = made["id"]
